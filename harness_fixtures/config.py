@@ -1,0 +1,204 @@
+"""Benchmark cases as data: the pydantic models behind ``benchmarks/models/*.yaml``.
+
+One YAML file describes one model: how to serve it (engine), what to send (dataset, generation),
+which LoadGen model name each scenario uses, and the thresholds that gate it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EngineKind = str  # validated against the launcher registry, so a plugin can add kinds
+Scenario = Literal["Offline", "Server", "Interactive", "SingleStream"]
+SCENARIOS: tuple[Scenario, ...] = ("Offline", "Server", "Interactive", "SingleStream")
+
+# MLPerf runs the Interactive benchmark as LoadGen's Server scenario with tighter limits.
+LOADGEN_SCENARIO: dict[str, str] = {
+    "Offline": "Offline",
+    "Server": "Server",
+    "Interactive": "Server",
+    "SingleStream": "SingleStream",
+}
+
+
+class ConfigError(ValueError):
+    """A model YAML, user.conf or option value is wrong; the message says where and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSpec(_Strict):
+    kind: EngineKind = Field(description="Launcher kind: vllm, sglang, trtllm, external or sim.")
+    model: str = Field(
+        "",
+        description="Model path or id passed to the engine; ${VAR} and ~ are expanded. "
+        "Empty for kind=sim/external.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name the server answers to; defaults to the case name."
+    )
+    args: dict[str, Any] | list[str] = Field(
+        default_factory=dict,
+        description="Extra engine arguments: a mapping (--key value; true → bare flag, false → omitted) "
+        "or a literal argv list.",
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the engine.")
+    executable: str | None = Field(
+        None, description="Engine executable or python; default from PATH / the prepared engine env."
+    )
+    host: str = Field("127.0.0.1", description="Interface the engine binds; loopback unless you need more.")
+    url: str | None = Field(None, description="For kind=external: base URL of a running server.")
+    start_timeout_s: float = Field(900.0, gt=0, description="Deadline for the engine to become healthy.")
+    stop_timeout_s: float = Field(20.0, gt=0, description="Grace after SIGTERM before SIGKILL.")
+    prefix_caching: bool = Field(
+        False, description="MLPerf forbids cross-query prefix caching; keep false for MLPerf cases."
+    )
+    sim: dict[str, Any] = Field(
+        default_factory=dict, description="Simulator settings (kind=sim), see harness_fixtures.sim."
+    )
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(description="Dataset file (MLPerf schema); relative paths are from the YAML file.")
+    format: Literal["json", "pickle"] | None = Field(None, description="Inferred from the suffix if unset.")
+    input_column: str = Field("input", description="Raw text column.")
+    tok_input_column: str = Field("tok_input", description="Prompt token ids column (what is sent).")
+    output_column: str = Field("output", description="Reference output column (accuracy).")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N samples.")
+    performance_sample_count: int | None = Field(
+        None, gt=0, description="QSL performance sample count; default: all loaded samples."
+    )
+
+
+class GenerationSpec(_Strict):
+    api: Literal["completions", "chat"] = Field(
+        "completions", description="completions sends tok_input ids; chat sends the input text."
+    )
+    max_tokens: int = Field(128, gt=0)
+    min_tokens: int = Field(1, ge=0)
+    temperature: float = Field(0.0, ge=0)
+    top_k: int = Field(1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(42)
+    ignore_eos: bool = Field(False)
+    first_token_in_complete: bool = Field(
+        True,
+        description="Report ALL output tokens (including the first) in QuerySamplesComplete, "
+        "as the MLCommons Llama reference does.",
+    )
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="Extra request fields.")
+
+
+class Thresholds(_Strict):
+    require_valid: bool = Field(True, description="Fail when LoadGen says INVALID.")
+    max_failed_requests: int = Field(0, ge=0, description="Fail when more requests failed.")
+    min_tokens_per_s: float | None = Field(None, description="Minimum output tokens/s.")
+    min_samples_per_s: float | None = Field(None, description="Minimum completed samples/s.")
+    max_ttft_p99_ms: float | None = Field(None, description="Maximum p99 time to first token (ms).")
+    max_tpot_p99_ms: float | None = Field(None, description="Maximum p99 time per output token (ms).")
+
+
+class BenchmarkCase(_Strict):
+    name: str = Field(description="Case id prefix: lowercase letters, digits and '_'.")
+    description: str = ""
+    engine: EngineSpec
+    dataset: DatasetSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    loadgen_model: dict[Scenario, str] = Field(
+        description="LoadGen model name per scenario (mlperf.conf/user.conf section)."
+    )
+    scenarios: list[Scenario] = Field(description="Scenarios this case runs.")
+    user_conf: str | None = Field(None, description="user.conf for this case; default: the suite's.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder (accuracy decode); default: model.")
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    source: str = Field("", description="File this case came from (filled in by the loader).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_an_id(cls, v: str) -> str:
+        if not v or not all(c.islower() or c.isdigit() or c == "_" for c in v):
+            raise ValueError(f"name {v!r} must be lowercase letters, digits and '_' (it becomes the test id)")
+        return v
+
+    @model_validator(mode="after")
+    def _scenarios_have_names(self) -> BenchmarkCase:
+        missing = [s for s in self.scenarios if s not in self.loadgen_model]
+        if missing:
+            raise ValueError(
+                f"scenarios {missing} have no loadgen_model entry; add e.g. `{missing[0]}: llama3_1-8b`"
+            )
+        return self
+
+    def test_id(self, scenario: str) -> str:
+        return f"{self.name}_{scenario.lower()}"
+
+    @property
+    def served_name(self) -> str:
+        return self.engine.served_model_name or self.name
+
+    def resolve(self, value: str) -> Path:
+        """A path from the YAML: env vars and ~ expanded, relative to the YAML's folder."""
+        p = Path(os.path.expanduser(os.path.expandvars(value)))
+        if not p.is_absolute() and self.source:
+            p = Path(self.source).parent / p
+        return p
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid benchmark case"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(
+                f"  {loc}: unknown key (typo?); allowed keys are listed in harness_fixtures/config.py"
+            )
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_case(path: Path) -> BenchmarkCase:
+    """Load and validate one model YAML; raise ConfigError naming the file and key."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data.setdefault("source", str(path.resolve()))
+    try:
+        return BenchmarkCase.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, exc)) from None
+
+
+def load_cases(models_dir: Path, known_kinds: set[str] | None = None) -> list[BenchmarkCase]:
+    """All cases in a folder, sorted by name; names must be unique."""
+    if not models_dir.is_dir():
+        raise ConfigError(
+            f"models folder {str(models_dir)!r} does not exist; set --harness-models-dir or the "
+            "harness_models_dir ini key"
+        )
+    cases: list[BenchmarkCase] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(models_dir.glob("*.yaml")) + sorted(models_dir.glob("*.yml")):
+        case = load_case(path)
+        if case.name in seen:
+            raise ConfigError(f"{path}: case name {case.name!r} is also used by {seen[case.name]}")
+        if known_kinds is not None and case.engine.kind not in known_kinds:
+            raise ConfigError(
+                f"{path}: engine.kind {case.engine.kind!r} is unknown; known kinds: {sorted(known_kinds)} "
+                "(a plugin can add one through pytest_harness_make_launcher)"
+            )
+        seen[case.name] = path
+        cases.append(case)
+    return sorted(cases, key=lambda c: c.name)

@@ -1,0 +1,108 @@
+"""What ran where: host, Python, package versions, git state and an allowlisted, redacted env."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+PACKAGES = (
+    "harness-fixtures",
+    "mlcommons-loadgen",
+    "pytest",
+    "pytest-xdist",
+    "aiohttp",
+    "pydantic",
+    "prometheus-client",
+    "rouge-score",
+    "nltk",
+    "tokenizers",
+    "mlflow",
+    "nvidia-ml-py",
+    "uvloop",
+)
+ENV_ALLOWLIST = re.compile(
+    r"^(CUDA_VISIBLE_DEVICES|NVIDIA_VISIBLE_DEVICES|OMP_NUM_THREADS|VLLM_[A-Z0-9_]+|HF_HUB_OFFLINE|"
+    r"HARNESS_[A-Z0-9_]+|MLFLOW_TRACKING_URI|MLFLOW_EXPERIMENT_NAME|CI|GITHUB_SHA|GITHUB_RUN_ID|CI_JOB_ID)$"
+)
+SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    """Allowlisted variables only; any whose name looks secret is redacted."""
+    return {
+        k: (REDACTED if SECRET.search(k) else v) for k, v in sorted(env.items()) if ENV_ALLOWLIST.match(k)
+    }
+
+
+def redact_argv(argv: list[str], secrets: list[str]) -> list[str]:
+    """Engine argv for metadata: values after --api-key-like flags and known secret values hidden."""
+    out: list[str] = []
+    hide_next = False
+    for a in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        if SECRET.search(a) and a.startswith("--") and "=" not in a:
+            hide_next = True
+        out.append(REDACTED if any(s and s in a for s in secrets) else a)
+    return out
+
+
+def git_state(path: Path) -> dict[str, Any]:
+    def run(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    sha = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def capture(root: Path) -> dict[str, Any]:
+    return {
+        "os": f"{platform.system()} {platform.release()}",
+        "hostname": platform.node(),
+        "cpu": {
+            "model": cpu_model(),
+            "logical_cores": psutil.cpu_count(),
+            "physical_cores": psutil.cpu_count(False),
+        },
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": sys.version.split()[0],
+        "packages": package_versions(),
+        "git": git_state(root),
+        "env": redact_env(dict(os.environ)),
+    }

@@ -1,0 +1,577 @@
+"""pytest glue: options, hooks, fixtures, report plumbing and the terminal summary.
+
+Registered once through the ``pytest11`` entry point and inert unless a test uses the harness
+fixtures. Results flow one way: test → ``user_properties`` → controller's
+``pytest_runtest_logreport`` → ``pytest_harness_result`` → files → terminal summary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from . import hookspecs
+from .benchmark import RunOptions, failure_reasons, run_benchmark
+from .config import BenchmarkCase, ConfigError, load_cases
+from .dataset import DatasetError, load_dataset
+from .environment import capture as capture_environment
+from .environment import redact_argv
+from .results import BenchmarkResult, write_yaml
+from .servers import LAUNCHERS, Endpoint, EngineError, LaunchContext
+from .userconf import UserConfError, parse_user_conf
+
+log = logging.getLogger("harness_fixtures")
+RESULT_PROP = "harness_result_json"
+
+
+@dataclass
+class HarnessState:
+    """Session-wide state in ``config.stash``."""
+
+    cases: list[BenchmarkCase] | None = None
+    cases_error: str | None = None
+    user_conf: Path | None = None
+    session_dir: Path | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+STATE = pytest.StashKey[HarnessState]()
+
+
+# -- options -------------------------------------------------------------------------------------
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+_OPTIONS: list[tuple[str, dict[str, Any], str, str | None]] = [
+    ("models-dir", {}, "Folder of model YAML files.", "benchmarks/models"),
+    ("user-conf", {}, "LoadGen user.conf.", "benchmarks/user.conf"),
+    ("output-dir", {}, "Where each session writes a new folder of results.", "harness_output"),
+    ("server-url", {}, "Benchmark a running OpenAI-compatible server instead of starting one.", None),
+    (
+        "api-key-env",
+        {},
+        "Name of the env var holding a bearer token to send (its value is never written).",
+        None,
+    ),
+    ("mode", {"choices": ("performance", "accuracy")}, "LoadGen mode.", "performance"),
+    ("target-qps", {"type": float}, "Override the target QPS (Server) / expected QPS (Offline).", None),
+    ("min-duration-ms", {"type": int}, "Override LoadGen min_duration (ms).", None),
+    ("min-query-count", {"type": int}, "Override LoadGen min_query_count.", None),
+    ("sample-count", {"type": int}, "Use only the first N dataset samples.", None),
+    ("request-timeout-s", {"type": float}, "Per-request deadline (s).", "600"),
+    ("test-timeout-s", {"type": float}, "Per-test deadline (s).", "7200"),
+    (
+        "skip-missing",
+        {"action": "store_true"},
+        "Skip (not fail) tests whose model or dataset is missing.",
+        None,
+    ),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness", "LLM serving benchmarks (harness-fixtures)")
+    for name, kw, help_, default in _OPTIONS:
+        dest = "harness_" + name.replace("-", "_")
+        action = kw.get("action")
+        group.addoption(
+            f"--harness-{name}", dest=dest, default=None, help=f"{help_} Default: {default}.", **kw
+        )
+        parser.addini(
+            dest,
+            help=f"{help_} Default: {default}.",
+            type="bool" if action else "string",
+            default=False if action else default,
+        )
+
+
+def _opt(config: pytest.Config, name: str) -> Any:
+    dest = "harness_" + name.replace("-", "_")
+    value = config.getoption(dest)
+    if value is None or value is False:
+        value = config.getini(dest)
+        if value in ("", None):
+            return None
+    return value
+
+
+def _path_opt(config: pytest.Config, name: str) -> Path | None:
+    """CLI paths are relative to where pytest was started; ini paths to the rootdir."""
+    dest = "harness_" + name.replace("-", "_")
+    cli = config.getoption(dest)
+    if cli is not None:
+        return (config.invocation_params.dir / cli).resolve()
+    ini = config.getini(dest)
+    return (config.rootpath / ini).resolve() if ini else None
+
+
+def _float_opt(config: pytest.Config, name: str) -> float | None:
+    value = _opt(config, name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise pytest.UsageError(
+            f"--harness-{name} / ini harness_{name.replace('-', '_')}: {value!r} is not a number"
+        )
+
+
+# -- configure -----------------------------------------------------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "harness_benchmark: a LoadGen benchmark test of the harness")
+    state = HarnessState()
+    config.stash[STATE] = state
+    models_dir = _path_opt(config, "models-dir")
+    explicit = config.getoption("harness_models_dir") is not None
+    if models_dir is not None and (models_dir.is_dir() or explicit):
+        try:
+            state.cases = load_cases(models_dir)
+        except ConfigError as exc:
+            # Known before any engine starts: a clean usage error, no traceback.
+            raise pytest.UsageError(str(exc)) from None
+    user_conf = _path_opt(config, "user-conf")
+    if user_conf is not None and (user_conf.is_file() or config.getoption("harness_user_conf")):
+        try:
+            parse_user_conf(user_conf)
+        except UserConfError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        state.user_conf = user_conf
+    for name in ("target-qps", "request-timeout-s", "test-timeout-s"):
+        v = _float_opt(config, name)
+        if v is not None and v <= 0:
+            raise pytest.UsageError(f"--harness-{name} must be > 0, got {v!r}")
+    if hasattr(config, "workerinput"):
+        sd = config.workerinput.get("harness_session_dir")
+        state.session_dir = Path(sd) if sd else None
+    else:
+        config.pluginmanager.register(HarnessReporter(config), "harness-reporter")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: workers write into the controller's session folder (created lazily by the controller)."""
+    state = node.config.stash[STATE]
+    node.workerinput["harness_session_dir"] = str(_session_dir(node.config, state))
+
+
+def _session_dir(config: pytest.Config, state: HarnessState) -> Path:
+    """A new folder per session, never an earlier one's (so nothing is overwritten).
+
+    Planned once on the controller (xdist workers receive the same path) and created on first use.
+    """
+    if state.session_dir is not None:
+        return state.session_dir
+    root = _path_opt(config, "output-dir") or Path("harness_output").resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"cannot create output dir {str(root)!r}: {exc.strerror}; pass --harness-output-dir DIR"
+        ) from None
+    if not os.access(root, os.W_OK):
+        raise pytest.UsageError(f"output dir {str(root)!r} is not writable; pass --harness-output-dir DIR")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    n = 0
+    while (candidate := root / (stamp if n == 0 else f"{stamp}-{n}")).exists():
+        n += 1
+    state.session_dir = candidate
+    return candidate
+
+
+# -- collection ----------------------------------------------------------------------------------
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "harness_case_scenario" not in metafunc.fixturenames:
+        return
+    state = metafunc.config.stash[STATE]
+    if state.cases is None:
+        raise pytest.UsageError(
+            f"no benchmark cases: models folder {_path_opt(metafunc.config, 'models-dir')} not found; "
+            "set --harness-models-dir or the harness_models_dir ini key"
+        )
+    params = []
+    for case in state.cases:
+        for scenario in case.scenarios:
+            params.append(
+                pytest.param(
+                    (case, scenario),
+                    id=case.test_id(scenario),
+                    # keeps a model's tests on one xdist worker with --dist loadgroup (one engine)
+                    marks=[pytest.mark.xdist_group(case.name), pytest.mark.harness_benchmark],
+                )
+            )
+    metafunc.parametrize("harness_case_scenario", params)
+
+
+# -- engines -------------------------------------------------------------------------------------
+class EngineManager:
+    """At most one engine at a time: started on first use, reused by all of that model's tests,
+    stopped before the next model's engine starts and at session end (also on Ctrl-C/SIGTERM)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.current: tuple[str, Endpoint, Any] | None = None
+        self.failed: dict[str, str] = {}
+        self.starts: dict[str, int] = {}
+
+    def get(self, case: BenchmarkCase, run_dir: Path) -> Endpoint:
+        if self.current and self.current[0] == case.name:
+            return self.current[1]
+        self.stop()
+        if case.name in self.failed:
+            pytest.fail(self.failed[case.name], pytrace=False)
+        server_url = _opt(self.config, "server-url")
+        kind = "external" if server_url else case.engine.kind
+        launcher = self.config.hook.pytest_harness_make_launcher(config=self.config, kind=kind)
+        if launcher is None:
+            if kind not in LAUNCHERS:
+                self.failed[case.name] = (
+                    f"{case.source}: engine.kind {kind!r} is unknown; known: {sorted(LAUNCHERS)}"
+                )
+                pytest.fail(self.failed[case.name], pytrace=False)
+            launcher = LAUNCHERS[kind]()
+        key_env = _opt(self.config, "api-key-env")
+        ctx = LaunchContext(
+            case=case,
+            run_dir=run_dir,
+            api_key=os.environ.get(key_env) if key_env else None,
+            server_url=server_url,
+        )
+        self.starts[case.name] = self.starts.get(case.name, 0) + 1
+        try:
+            endpoint = launcher.start(ctx)
+        except EngineError as exc:
+            self.failed[case.name] = f"engine for {case.name!r} failed to start: {exc}"
+            pytest.fail(self.failed[case.name], pytrace=False)
+        endpoint.info["stop_timeout_s"] = case.engine.stop_timeout_s
+        self.current = (case.name, endpoint, launcher)
+        return endpoint
+
+    def stop(self) -> None:
+        if self.current is None:
+            return
+        name, endpoint, launcher = self.current
+        self.current = None
+        log.info("stopping engine for %s", name)
+        launcher.stop(endpoint)
+
+
+@pytest.fixture(scope="session")
+def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
+    manager = EngineManager(pytestconfig)
+    previous = _install_sigterm()
+    try:
+        yield manager
+    finally:
+        manager.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _install_sigterm() -> Any:
+    """SIGTERM becomes KeyboardInterrupt, so teardown (engine stop, partial results) runs as on Ctrl-C."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return signal.SIG_DFL
+
+
+@pytest.fixture
+def harness_case(harness_case_scenario: tuple[BenchmarkCase, str]) -> BenchmarkCase:
+    return harness_case_scenario[0]
+
+
+@pytest.fixture
+def harness_scenario(harness_case_scenario: tuple[BenchmarkCase, str]) -> str:
+    return harness_case_scenario[1]
+
+
+@pytest.fixture
+def harness_test_dir(pytestconfig: pytest.Config, harness_case_scenario: tuple[BenchmarkCase, str]) -> Path:
+    case, scenario = harness_case_scenario
+    state = pytestconfig.stash[STATE]
+    d = _session_dir(pytestconfig, state) / case.test_id(scenario)
+    d.mkdir(parents=True, exist_ok=False)  # a fresh session folder: an existing test dir is a bug
+    return d
+
+
+@pytest.fixture
+def harness_engine(
+    pytestconfig: pytest.Config, harness_engines: EngineManager, harness_case: BenchmarkCase
+) -> Endpoint:
+    state = pytestconfig.stash[STATE]
+    engine_dir = _session_dir(pytestconfig, state) / f"engine-{harness_case.name}"
+    return harness_engines.get(harness_case, engine_dir)
+
+
+class HarnessBenchmark:
+    """What a benchmark test calls: ``run()`` then ``check(result)``."""
+
+    def __init__(
+        self, request: pytest.FixtureRequest, case: BenchmarkCase, scenario: str, test_dir: Path
+    ) -> None:
+        self.request = request
+        self.config = request.config
+        self.case = case
+        self.scenario = scenario
+        self.test_dir = test_dir
+        self.result: BenchmarkResult | None = None
+
+    def options(self) -> RunOptions:
+        c = self.config
+        user_conf = _path_opt(c, "user-conf")
+        if self.case.user_conf:
+            user_conf = self.case.resolve(self.case.user_conf)
+        if user_conf is None or not user_conf.is_file():
+            pytest.fail(
+                f"user.conf {str(user_conf)!r} not found; pass --harness-user-conf PATH", pytrace=False
+            )
+        try:
+            parse_user_conf(user_conf)
+        except UserConfError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        return RunOptions(
+            user_conf=user_conf,
+            mode=_opt(c, "mode") or "performance",
+            target_qps=_float_opt(c, "target-qps"),
+            min_duration_ms=int(v) if (v := _opt(c, "min-duration-ms")) is not None else None,
+            min_query_count=int(v) if (v := _opt(c, "min-query-count")) is not None else None,
+            sample_count=int(v) if (v := _opt(c, "sample-count")) is not None else None,
+            request_timeout_s=_float_opt(c, "request-timeout-s") or 600.0,
+            test_timeout_s=_float_opt(c, "test-timeout-s") or 7200.0,
+            api_key_env=_opt(c, "api-key-env"),
+        )
+
+    def run(self) -> BenchmarkResult:
+        handler = logging.FileHandler(self.test_dir / "harness.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        started = time.time()
+        try:
+            return self._run(started)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+    def _run(self, started: float) -> BenchmarkResult:
+        case, scenario = self.case, self.scenario
+        opts = self.options()
+        dataset_path = case.resolve(case.dataset.path)
+        try:
+            load_dataset(case.dataset, dataset_path)  # fail here, clearly, before LoadGen starts
+        except DatasetError as exc:
+            if self.config.getoption("harness_skip_missing") or self.config.getini("harness_skip_missing"):
+                pytest.skip(str(exc))
+            self._emit(self._error_result(str(exc)), None, started)
+            pytest.fail(str(exc), pytrace=False)
+        endpoint: Endpoint = self.request.getfixturevalue("harness_engine")
+        log.info("running %s against %s (%s)", case.test_id(scenario), endpoint.base_url, endpoint.kind)
+        try:
+            result = run_benchmark(case, scenario, endpoint, opts, self.test_dir, dataset_path)
+        except KeyboardInterrupt:
+            from .benchmark import build_result
+
+            result = build_result(
+                case,
+                scenario,
+                opts.mode,
+                self.test_dir,
+                "INTERRUPTED",
+                "interrupted (Ctrl-C or SIGTERM); partial results kept",
+                None,
+                time.time() - started,
+                endpoint.alive(),
+            )
+            self._emit(result, endpoint, started, write_now=True)
+            raise
+        self._emit(result, endpoint, started)
+        self.result = result
+        return result
+
+    def _error_result(self, reason: str) -> BenchmarkResult:
+        return BenchmarkResult(
+            test_id=self.case.test_id(self.scenario),
+            model=self.case.name,
+            scenario=self.scenario,
+            mode=_opt(self.config, "mode") or "performance",
+            loadgen_model=self.case.loadgen_model[self.scenario],  # type: ignore[index]
+            status="ERROR",
+            reason=reason,
+            paths={"test_dir": str(self.test_dir)},
+        )
+
+    def _metadata(self, result: BenchmarkResult, endpoint: Endpoint | None, started: float) -> dict[str, Any]:
+        key_env = _opt(self.config, "api-key-env")
+        secrets = [os.environ.get(key_env, "")] if key_env else []
+        md: dict[str, Any] = {
+            "schema_version": 1,
+            "test_id": result.test_id,
+            "nodeid": self.request.node.nodeid,
+            "case": self.case.model_dump(mode="json"),
+            "scenario": self.scenario,
+            "mode": result.mode,
+            "engine": None
+            if endpoint is None
+            else {
+                "kind": endpoint.kind,
+                "base_url": endpoint.base_url,
+                "served_model": endpoint.served_model,
+                "version": endpoint.version,
+                "argv": redact_argv(endpoint.argv, secrets),
+                "log": str(endpoint.log_path) if endpoint.log_path else None,
+                "pid": endpoint.pid,
+                "start_s": endpoint.info.get("start_s"),
+            },
+            "run_options": {
+                k: str(v) if isinstance(v, Path) else v for k, v in self.options().__dict__.items()
+            },
+            "command_line": redact_argv(list(self.config.invocation_params.args), secrets),
+            "cwd": str(self.config.invocation_params.dir),
+            "started_utc": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+            "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "environment": capture_environment(self.config.rootpath),
+            "outputs": {
+                "test_dir": str(self.test_dir),
+                "result": str(self.test_dir / "result.yaml"),
+                "metadata": str(self.test_dir / "metadata.yaml"),
+                **result.paths,
+            },
+            "mlflow": None,
+        }
+        self.config.hook.pytest_harness_update_metadata(config=self.config, case=self.case, metadata=md)
+        return md
+
+    def _emit(
+        self, result: BenchmarkResult, endpoint: Endpoint | None, started: float, write_now: bool = False
+    ) -> None:
+        md = self._metadata(result, endpoint, started)
+        payload = json.dumps({"result": result.model_dump(mode="json"), "metadata": md})
+        self.request.node.user_properties.append((RESULT_PROP, payload))
+        if write_now and not hasattr(self.config, "workerinput"):
+            # Interrupted: the report may never reach the controller hook, so write the files here.
+            write_yaml(self.test_dir / "result.yaml", result.model_dump(mode="json"))
+            write_yaml(self.test_dir / "metadata.yaml", md)
+
+    def check(self, result: BenchmarkResult) -> None:
+        """Fail the test with one line per violated threshold."""
+        t = self.case.thresholds
+        reasons = failure_reasons(result, t.require_valid, t.max_failed_requests)
+        if reasons:
+            pytest.fail("\n".join(reasons), pytrace=False)
+
+
+@pytest.fixture
+def harness_benchmark(
+    request: pytest.FixtureRequest,
+    harness_case_scenario: tuple[BenchmarkCase, str],
+    harness_test_dir: Path,
+) -> HarnessBenchmark:
+    case, scenario = harness_case_scenario
+    return HarnessBenchmark(request, case, scenario, harness_test_dir)
+
+
+# -- reports (controller) ------------------------------------------------------------------------
+class HarnessReporter:
+    """Registered on the controller only: turns test reports into hook calls, files and a summary."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.state = config.stash[STATE]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Turn the test's result property into the hook call and compact JUnit properties."""
+        props = report.user_properties
+        payloads = [v for k, v in props if k == RESULT_PROP]
+        if not payloads:
+            return
+        props[:] = [(k, v) for k, v in props if k != RESULT_PROP]
+        if report.when != "call":
+            return  # every phase's report carries a copy of the item's properties; emit once
+        data = json.loads(str(payloads[-1]))
+        r = data["result"]
+        for key in ("status", "tokens_per_s", "samples_per_s"):
+            props.append((f"harness_{key}", r.get(key)))
+        props.append(("harness_ttft_p99_ms", r["ttft_ms"].get("p99")))
+        props.append(("harness_tpot_p99_ms", r["tpot_ms"].get("p99")))
+        props.append(("harness_failed_requests", r["queries"]["failed"]))
+        props.append(("harness_result_path", data["metadata"]["outputs"]["result"]))
+        self.config.hook.pytest_harness_result(
+            config=self.config, item_id=report.nodeid, result=r, metadata=data["metadata"]
+        )
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_harness_result(
+        self, config: pytest.Config, item_id: str, result: dict[str, Any], metadata: dict[str, Any]
+    ) -> None:
+        """The plugin's own writer: result.yaml + metadata.yaml."""
+        out = metadata["outputs"]
+        write_yaml(Path(out["result"]), result)
+        write_yaml(Path(out["metadata"]), metadata)
+        self.state.results.append({"nodeid": item_id, **result})
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        state = self.state
+        if not state.results or state.session_dir is None:
+            return
+        write_yaml(
+            state.session_dir / "session.yaml",
+            {
+                "schema_version": 1,
+                "started_utc": dt.datetime.fromtimestamp(state.started, dt.timezone.utc).isoformat(),
+                "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "command_line": list(self.config.invocation_params.args),
+                "results": state.results,
+            },
+        )
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        state = self.state
+        if not state.results:
+            return
+        tr = terminalreporter
+        tr.section("harness benchmark results")
+        rows = [("test", "status", "tok/s", "samples/s", "TTFT p99 ms", "TPOT p99 ms", "failed")]
+        for r in state.results:
+            rows.append(
+                (
+                    r["test_id"],
+                    r["status"],
+                    _fmt(r.get("tokens_per_s")),
+                    _fmt(r.get("samples_per_s"), ".2f"),
+                    _fmt(r["ttft_ms"].get("p99")),
+                    _fmt(r["tpot_ms"].get("p99"), ".2f"),
+                    str(r["queries"]["failed"]),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for n, row in enumerate(rows):
+            line = "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+            tr.write_line(line, bold=n == 0)
+        for r in state.results:
+            if r["status"] != "VALID" and r.get("reason"):
+                tr.write_line(f"{r['test_id']}: {r['status']}: {r['reason'].splitlines()[0]}", red=True)
+        tr.write_line(f"session results: {state.session_dir / 'session.yaml'}")
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)

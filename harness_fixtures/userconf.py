@@ -1,0 +1,118 @@
+"""Our own validation of LoadGen ``user.conf`` files (LoadGen silently ignores typos).
+
+The grammar is LoadGen's ``TestSettings::FromConfig``: ``model.scenario.key = number`` per line,
+``#`` starts a comment, model and scenario may be ``*``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Every key TestSettings::FromConfig reads in mlcommons-loadgen 6.0.x.
+KNOWN_KEYS: frozenset[str] = frozenset(
+    {
+        "mode",
+        "min_duration",
+        "max_duration",
+        "min_query_count",
+        "max_query_count",
+        "qsl_rng_seed",
+        "sample_index_rng_seed",
+        "schedule_rng_seed",
+        "accuracy_log_rng_seed",
+        "accuracy_log_probability",
+        "accuracy_log_sampling_target",
+        "print_timestamps",
+        "performance_issue_unique",
+        "performance_issue_same",
+        "performance_issue_same_index",
+        "performance_sample_count_override",
+        "target_latency_percentile",
+        "target_latency",
+        "target_qps",
+        "samples_per_query",
+        "max_async_queries",
+        "coalesce_queries",
+        "ttft_latency",
+        "tpot_latency",
+        "use_token_latencies",
+        "infer_token_latencies",
+        "token_latency_scaling_factor",
+        "sample_concatenate_permutation",
+        "test05",
+        "test05_qsl_rng_seed",
+        "test05_sample_index_rng_seed",
+        "test05_schedule_rng_seed",
+        "accuracy_sample_count_override",
+        "target_duration",
+    }
+)
+KNOWN_SCENARIOS: frozenset[str] = frozenset({"*", "SingleStream", "MultiStream", "Server", "Offline"})
+_NUMBER = re.compile(r"^[+-]?(0[xX][0-9a-fA-F]+|\d+(\.\d*)?([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?)$")
+
+
+class UserConfError(ValueError):
+    """A user.conf line LoadGen would ignore or misread; the message is ``file:line: what and fix``."""
+
+
+@dataclass(frozen=True)
+class ConfEntry:
+    model: str
+    scenario: str
+    key: str
+    value: str
+    line: int
+
+
+def parse_user_conf(path: Path) -> list[ConfEntry]:
+    """Parse and validate a user.conf; raise UserConfError listing every bad line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserConfError(f"{path}: cannot read user.conf: {exc}; pass --harness-user-conf PATH") from exc
+    entries: list[ConfEntry] = []
+    errors: list[str] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{path}:{n}"
+        if "=" not in line:
+            errors.append(f"{where}: expected 'model.scenario.key = value', got {raw.strip()!r}")
+            continue
+        lhs, rhs = (s.strip() for s in line.split("=", 1))
+        parts = lhs.split(".")
+        if len(parts) < 3:
+            errors.append(f"{where}: key {lhs!r} needs three dot-separated parts: model.scenario.key")
+            continue
+        # Model names may contain dots (e.g. "llama3.1"), so the last two parts are scenario and key.
+        model, scenario, key = ".".join(parts[:-2]), parts[-2], parts[-1]
+        if scenario not in KNOWN_SCENARIOS:
+            hint = difflib.get_close_matches(scenario, sorted(KNOWN_SCENARIOS), n=1)
+            fix = f"; did you mean {hint[0]!r}?" if hint else f"; use one of {sorted(KNOWN_SCENARIOS)}"
+            errors.append(f"{where}: unknown scenario {scenario!r}{fix} (names are case-sensitive)")
+            continue
+        if key not in KNOWN_KEYS:
+            hint = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
+            fix = f"; did you mean {hint[0]!r}?" if hint else ""
+            errors.append(f"{where}: unknown key {key!r}{fix} (LoadGen would silently ignore it)")
+            continue
+        if not _NUMBER.match(rhs):
+            errors.append(f"{where}: value {rhs!r} of {key} must be an integer or a number")
+            continue
+        entries.append(ConfEntry(model, scenario, key, rhs, n))
+    if errors:
+        raise UserConfError("\n".join(errors))
+    return entries
+
+
+def lookup(entries: list[ConfEntry], model: str, scenario: str, key: str) -> str | None:
+    """The value LoadGen would pick, with its precedence: exact, *.scenario, model.*, *.*; last wins."""
+    for m, s in ((model, scenario), ("*", scenario), (model, "*"), ("*", "*")):
+        found = [e.value for e in entries if e.model == m and e.scenario == s and e.key == key]
+        if found:
+            return found[-1]
+    return None
