@@ -1,0 +1,373 @@
+"""Run plots against time since the test start: client, engine, host and GPU figures as PNG.
+
+matplotlib is imported lazily and used through `Figure` + the Agg canvas only (no pyplot), so
+plotting touches no global backend state and works in threads and headless CI. Each figure is
+1200x800 px; a figure whose data is absent is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .base import Sample
+from .nvml import gpu_series
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["DPI", "FIGSIZE_IN", "OK_STATUSES", "build_figures", "write_plots"]
+
+FIGSIZE_IN = (12.0, 8.0)
+DPI = 100
+# Request log statuses counted as successful; None means the log did not record one.
+OK_STATUSES = frozenset({None, "ok", "success", "completed"})
+
+_TIME_LABEL = "time since test start (s)"
+_ENGINE_SERIES = frozenset(
+    {
+        "running",
+        "waiting",
+        "kv_cache_usage",
+        "generation_tokens_per_s",
+        "prompt_tokens_per_s",
+        "ttft_s_p50",
+        "ttft_s_p99",
+        "itl_s_p50",
+        "itl_s_p99",
+    }
+)
+_HOST_SERIES = frozenset({"cpu_pct", "cpu_max_core_pct", "client_cpu_pct", "mem_pct", "client_rss_mib"})
+
+Request = Mapping[str, Any]
+
+
+# -- data helpers ------------------------------------------------------------------------------
+def _group(samples: Iterable[Sample]) -> dict[tuple[str, str], tuple[list[float], list[float]]]:
+    out: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+    for s in samples:
+        ts, vs = out.setdefault((s.source, s.series), ([], []))
+        ts.append(s.t_s)
+        vs.append(s.value)
+    return out
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _is_ok(r: Request) -> bool:
+    status = r.get("status")
+    return (status.lower() if isinstance(status, str) else status) in OK_STATUSES
+
+
+def _rolling(x: Sequence[float], y: Sequence[float]) -> tuple[Any, Any, Any, int]:
+    """Trailing-window p50/p99 of y ordered by x; window = n/20 clamped to [5, 200] points."""
+    import numpy as np
+
+    order = np.argsort(np.asarray(x, dtype=float), kind="stable")
+    xs = np.asarray(x, dtype=float)[order]
+    ys = np.asarray(y, dtype=float)[order]
+    n = len(xs)
+    w = int(min(200, max(5, n // 20)))
+    if n < w:
+        return np.array([]), np.array([]), np.array([]), w
+    windows = np.lib.stride_tricks.sliding_window_view(ys, w)
+    # Bound the work on very long runs: evaluate every `stride`-th window.
+    stride = max(1, math.ceil(len(windows) * w / 4_000_000))
+    windows = windows[::stride]
+    p50, p99 = np.percentile(windows, [50, 99], axis=1)
+    return xs[w - 1 :: stride], p50, p99, w
+
+
+def _new_figure(title: str, nrows: int, ncols: int = 1) -> tuple[Figure, list[Axes]]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel().tolist()
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _no_data(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"{what}: not reported", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def _finish(ax: Axes, title: str, ylabel: str, xlabel: bool = False) -> None:
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if xlabel:
+        ax.set_xlabel(_TIME_LABEL)
+    ax.grid(True, alpha=0.3)
+    # Every plotted quantity is >= 0; a zero baseline keeps small jitter from looking like swings,
+    # and constant series from getting an offset like "1e-11+1.6e1" on the axis.
+    ax.set_ylim(bottom=0)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    if ax.get_legend_handles_labels()[0]:
+        _legend(ax)
+
+
+def _legend(
+    ax: Axes, handles: list[Any] | None = None, labels: list[str] | None = None, x: float = 1.01
+) -> None:
+    # Outside the axes, right: a legend never hides data. (Not loc="best": slow on large scatters,
+    # and it warns, which a filterwarnings=error suite turns into a failure.)
+    kw: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (x, 1.0), "fontsize": "small"}
+    if handles is not None and labels is not None:
+        ax.legend(handles, labels, **kw)
+    else:
+        ax.legend(**kw)
+
+
+# -- client ------------------------------------------------------------------------------------
+def _client_figure(requests: Sequence[Request]) -> Figure | None:
+    import numpy as np
+
+    issued = [t for r in requests if (t := _num(r.get("issued_s"))) is not None]
+    done_ok = [r for r in requests if _is_ok(r) and _num(r.get("done_s")) is not None]
+    if not issued and not done_ok:
+        return None
+    ends = [_num(r.get("done_s")) for r in requests] + issued
+    t_end = max(t for t in ends if t is not None)
+    nbins = max(1, math.ceil(t_end))
+    edges = np.arange(nbins + 1, dtype=float)
+
+    fig, (ax_tp, ax_ttft, ax_tpot) = _new_figure("Client: throughput and per-request latency", 3)
+
+    # Throughput per 1 s bin. Output tokens are spread over each request's streaming span (first
+    # token at first_token_s, the rest evenly up to done_s) instead of piling up at completion.
+    done_t = [t for r in done_ok if (t := _num(r["done_s"])) is not None]
+    req_rate, _ = np.histogram(done_t, bins=edges)
+    issue_rate, _ = np.histogram(issued, bins=edges)
+    tok = np.zeros(nbins)
+    for r in done_ok:
+        n = _num(r.get("n_tokens")) or 0.0
+        done = _num(r["done_s"])
+        first = _num(r.get("first_token_s"))
+        if n <= 0 or done is None:
+            continue
+        if first is None or n < 2 or done <= first:
+            tok[min(int(done), nbins - 1)] += n
+            continue
+        tok[min(int(first), nbins - 1)] += 1.0
+        rate = (n - 1.0) / (done - first)
+        b0, b1 = int(first), min(int(done), nbins - 1)
+        for b in range(b0, b1 + 1):
+            overlap = min(done, b + 1.0) - max(first, float(b))
+            if overlap > 0:
+                tok[b] += rate * overlap
+    centers = edges[:-1] + 0.5
+
+    def bins(values: Any) -> Any:  # a step line covering each [k, k+1) bin exactly
+        return np.append(values, values[-1])
+
+    ax_tp.step(edges, bins(issue_rate), where="post", color="tab:gray", linestyle="--", label="issued req/s")
+    ax_tp.step(edges, bins(req_rate), where="post", color="tab:blue", label="completed req/s")
+    errors = [
+        t
+        for r in requests
+        if not _is_ok(r) and (t := _num(r.get("done_s")) or _num(r.get("issued_s"))) is not None
+    ]
+    if errors:
+        err_rate, _ = np.histogram(errors, bins=edges)
+        ax_tp.step(edges, bins(err_rate), where="post", color="tab:red", label="failed req/s")
+    ax_tok = ax_tp.twinx()
+    ax_tok.plot(centers, tok, color="tab:orange", label="output tok/s")
+    ax_tok.set_ylabel("output tokens/s")
+    h1, l1 = ax_tp.get_legend_handles_labels()
+    h2, l2 = ax_tok.get_legend_handles_labels()
+    ax_tok.set_ylim(bottom=0)
+    ax_tp.set_ylim(bottom=0)
+    _legend(ax_tp, h1 + h2, l1 + l2, x=1.07)
+    ax_tp.set_title("Throughput per 1 s bin")
+    ax_tp.set_ylabel("requests/s")
+    ax_tp.grid(True, alpha=0.3)
+
+    # TTFT is measured from the issue time (what LoadGen sees): client-side queueing is included,
+    # and the issue->send delay is drawn so it can be told apart from the server's share.
+    ttft_x, ttft_y, delay_x, delay_y = [], [], [], []
+    tpot_x, tpot_y = [], []
+    for r in done_ok:
+        iss, first, done = _num(r.get("issued_s")), _num(r.get("first_token_s")), _num(r.get("done_s"))
+        sent, n_tok = _num(r.get("sent_s")), _num(r.get("n_tokens"))
+        if iss is None:
+            continue
+        if first is not None:
+            ttft_x.append(iss)
+            ttft_y.append((first - iss) * 1e3)
+            if n_tok is not None and n_tok >= 2 and done is not None and done > first:
+                tpot_x.append(iss)
+                tpot_y.append((done - first) / (n_tok - 1) * 1e3)
+        if sent is not None:
+            delay_x.append(iss)
+            delay_y.append((sent - iss) * 1e3)
+    for ax, xs, ys, name in ((ax_ttft, ttft_x, ttft_y, "TTFT"), (ax_tpot, tpot_x, tpot_y, "TPOT")):
+        if not xs:
+            _no_data(ax, name)
+            continue
+        ax.scatter(xs, ys, s=4, alpha=0.3, color="tab:blue", label=f"{name} per request", rasterized=True)
+        rx, p50, p99, w = _rolling(xs, ys)
+        if len(rx):
+            ax.plot(rx, p50, color="tab:green", label=f"rolling p50 ({w} req)")
+            ax.plot(rx, p99, color="tab:red", label=f"rolling p99 ({w} req)")
+    if delay_x:
+        rx, _, p99, w = _rolling(delay_x, delay_y)
+        if len(rx):
+            ax_ttft.plot(
+                rx, p99, color="tab:purple", linestyle="--", label=f"issue->send delay p99 ({w} req)"
+            )
+    _finish(ax_ttft, "Time to first token vs issue time", "TTFT (ms)")
+    _finish(ax_tpot, "Time per output token vs issue time", "TPOT (ms)", xlabel=True)
+    return fig
+
+
+# -- timeline figures --------------------------------------------------------------------------
+def _plot_series(
+    ax: Axes,
+    grouped: Mapping[tuple[str, str], tuple[list[float], list[float]]],
+    series: Sequence[tuple[str, str]],
+    scale: float = 1.0,
+    **style: Any,
+) -> bool:
+    """Draw each (series, label) from any source holding it; return whether anything was drawn."""
+    drawn = False
+    sources = {src for src, _ in grouped}
+    for name, label in series:
+        for (src, ser), (ts, vs) in sorted(grouped.items()):
+            if ser != name:
+                continue
+            lab = label if len(sources) == 1 else f"{src}: {label}"
+            ax.plot(ts, [v * scale for v in vs], label=lab, **style)
+            drawn = True
+    return drawn
+
+
+def _engine_figure(grouped: Mapping[tuple[str, str], tuple[list[float], list[float]]]) -> Figure | None:
+    eng = {k: v for k, v in grouped.items() if k[1] in _ENGINE_SERIES}
+    if not eng:
+        return None
+    fig, axes = _new_figure("Engine (server /metrics)", 2, 2)
+    panels = [
+        (
+            "Scheduler queue",
+            "requests",
+            [("running", "running"), ("waiting", "waiting")],
+            1.0,
+            "running/waiting",
+        ),
+        ("KV cache usage", "KV cache used (%)", [("kv_cache_usage", "KV cache")], 100.0, "KV cache usage"),
+        (
+            "Engine token throughput",
+            "tokens/s",
+            [("generation_tokens_per_s", "generation tok/s"), ("prompt_tokens_per_s", "prompt tok/s")],
+            1.0,
+            "token counters",
+        ),
+        (
+            "Server-side latency (per scrape interval)",
+            "latency (ms)",
+            [
+                ("ttft_s_p50", "TTFT p50"),
+                ("ttft_s_p99", "TTFT p99"),
+                ("itl_s_p50", "ITL p50"),
+                ("itl_s_p99", "ITL p99"),
+            ],
+            1e3,
+            "latency histograms",
+        ),
+    ]
+    for i, (ax, (title, ylabel, series, scale, what)) in enumerate(zip(axes, panels, strict=True)):
+        if not _plot_series(ax, eng, series, scale=scale, marker=".", markersize=3):
+            _no_data(ax, what)
+        _finish(ax, title, ylabel, xlabel=i >= 2)
+    return fig
+
+
+def _host_figure(grouped: Mapping[tuple[str, str], tuple[list[float], list[float]]]) -> Figure | None:
+    host = {k: v for k, v in grouped.items() if k[1] in _HOST_SERIES}
+    if not host:
+        return None
+    fig, (ax_cpu, ax_client, ax_mem) = _new_figure("Host", 3)
+    if not _plot_series(ax_cpu, host, [("cpu_pct", "all cores"), ("cpu_max_core_pct", "busiest core")]):
+        _no_data(ax_cpu, "host CPU")
+    ax_cpu.set_ylim(0, 105)
+    _finish(ax_cpu, "Host CPU", "CPU busy (%)")
+    if _plot_series(ax_client, host, [("client_cpu_pct", "client process")], color="tab:red"):
+        ax_client.axhline(100.0, color="gray", linestyle="--", label="one core (GIL limit for Python)")
+    else:
+        _no_data(ax_client, "client CPU")
+    _finish(ax_client, "Benchmark client CPU", "CPU (% of one core)")
+    if not _plot_series(ax_mem, host, [("mem_pct", "host memory used")]):
+        _no_data(ax_mem, "memory")
+    _finish(ax_mem, "Host memory", "memory used (%)", xlabel=True)
+    return fig
+
+
+def _gpu_figure(grouped: Mapping[tuple[str, str], tuple[list[float], list[float]]]) -> Figure | None:
+    by_field: dict[str, list[tuple[str, int, list[float], list[float]]]] = {}
+    sources = set()
+    for (src, ser), (ts, vs) in grouped.items():
+        parsed = gpu_series(ser)
+        if parsed is not None:
+            by_field.setdefault(parsed[1], []).append((src, parsed[0], ts, vs))
+            sources.add(src)
+    if not by_field:
+        return None
+    fig, axes = _new_figure("GPUs (NVML)", 2, 2)
+    panels = [
+        ("GPU utilization", "utilization (%)", "util_gpu_pct"),
+        ("GPU power", "power (W)", "power_w"),
+        ("GPU memory used", "memory used (MiB)", "mem_used_mib"),
+        ("SM clock", "SM clock (MHz)", "sm_clock_mhz"),
+    ]
+    for i, (ax, (title, ylabel, fld)) in enumerate(zip(axes, panels, strict=True)):
+        rows = sorted(by_field.get(fld, []), key=lambda r: (r[0], r[1]))
+        for src, idx, ts, vs in rows:
+            ax.plot(ts, vs, label=f"GPU {idx}" if len(sources) == 1 else f"{src}: GPU {idx}")
+        if not rows:
+            _no_data(ax, fld)
+        _finish(ax, title, ylabel, xlabel=i >= 2)
+    return fig
+
+
+# -- public ------------------------------------------------------------------------------------
+def build_figures(samples: Iterable[Sample], requests: Sequence[Request] = ()) -> dict[str, Figure]:
+    """Figures by file stem ("client", "engine", "host", "gpu"); absent data -> no entry.
+
+    :param samples: timeline samples (seconds since test start).
+    :param requests: per-request log rows with `issued_s, sent_s, first_token_s, done_s, n_tokens,
+        status` (seconds since test start, None when absent).
+    """
+    grouped = _group(samples)
+    figs: dict[str, Figure | None] = {
+        "client": _client_figure(requests),
+        "engine": _engine_figure(grouped),
+        "host": _host_figure(grouped),
+        "gpu": _gpu_figure(grouped),
+    }
+    return {k: f for k, f in figs.items() if f is not None}
+
+
+def write_plots(
+    out_dir: Path | str, samples: Iterable[Sample], requests: Sequence[Request] = ()
+) -> list[Path]:
+    """Write `<stem>.png` for each figure `build_figures` makes; return the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, fig in build_figures(samples, requests).items():
+        path = out / f"{stem}.png"
+        fig.savefig(path, dpi=DPI)
+        paths.append(path)
+    return paths

@@ -1,0 +1,369 @@
+"""Engine metrics scraped from a Prometheus `/metrics` endpoint (vLLM, SGLang), in one vocabulary.
+
+Gauges become series as they are; counters become per-second rates between scrapes (`<name>_per_s`)
+with run totals kept for `delta()`; histograms become per-interval quantile estimates
+(`<name>_p50`, `<name>_p99`, `<name>_mean`) from bucket deltas, with run totals in `summary()`.
+Values of one family are summed over its label sets (model_name, engine, finished_reason ...), except
+`kv_cache_usage`, a fraction in [0, 1], which is averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .base import BaseCollector
+
+__all__ = [
+    "DEFAULT_NAMES",
+    "PrometheusCollector",
+    "ScrapeState",
+    "histogram_quantile",
+    "metrics_url",
+]
+
+# Canonical name -> engine metric names, in priority order: the first one present in a scrape wins,
+# because engines expose deprecated aliases of the same data side by side for a release or two
+# (vLLM 0.10: gpu_cache_usage_perc next to kv_cache_usage_perc, time_per_output_token_seconds next
+# to inter_token_latency_seconds); summing both would double-count. Counter names omit `_total`.
+# SGLang names: sgl-project/sglang python/sglang/srt/metrics/collector.py.
+DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
+    "running": ("vllm:num_requests_running", "sglang:num_running_reqs"),
+    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs"),
+    "kv_cache_usage": (
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "sglang:token_usage",
+    ),
+    "prompt_tokens": ("vllm:prompt_tokens", "sglang:prompt_tokens"),
+    "generation_tokens": ("vllm:generation_tokens", "sglang:generation_tokens"),
+    # SGLang counts requests processed (its aborts are counted separately as well).
+    "request_success": ("vllm:request_success", "sglang:num_requests"),
+    # SGLang calls a preemption a retraction.
+    "preemptions": ("vllm:num_preemptions", "sglang:num_retracted_requests"),
+    # Both in tokens. SGLang has no query counter: its prompt tokens are the queried tokens.
+    "prefix_cache_hits": (
+        "vllm:prefix_cache_hits",
+        "vllm:gpu_prefix_cache_hits",
+        "sglang:cached_tokens",
+    ),
+    "prefix_cache_queries": (
+        "vllm:prefix_cache_queries",
+        "vllm:gpu_prefix_cache_queries",
+        "sglang:prompt_tokens",
+    ),
+    "ttft_s": ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds"),
+    "itl_s": (
+        "vllm:inter_token_latency_seconds",
+        "vllm:time_per_output_token_seconds",
+        "sglang:inter_token_latency_seconds",
+    ),
+    "tpot_s": ("vllm:request_time_per_output_token_seconds",),
+    "e2e_s": ("vllm:e2e_request_latency_seconds", "sglang:e2e_request_latency_seconds"),
+    "queue_s": ("vllm:request_queue_time_seconds", "sglang:queue_time_seconds"),
+    "prefill_s": ("vllm:request_prefill_time_seconds",),
+    "decode_s": ("vllm:request_decode_time_seconds",),
+}
+
+_MEAN_GAUGES = frozenset({"kv_cache_usage"})
+
+
+def metrics_url(url: str) -> str:
+    """`{base}/metrics` for a server base URL; an OpenAI-style `/v1` suffix is dropped."""
+    u = url.rstrip("/")
+    if u.endswith("/metrics"):
+        return u
+    if u.endswith("/v1"):
+        u = u[: -len("/v1")]
+    return u + "/metrics"
+
+
+def _strip_total(name: str) -> str:
+    return name[: -len("_total")] if name.endswith("_total") else name
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """Estimate quantile `q` in [0, 1] from cumulative buckets [(le, count)], sorted by le.
+
+    Linear interpolation inside the bucket holding the rank, like PromQL's `histogram_quantile`:
+    the first bucket's lower bound is 0 (if its le is positive); a rank in the +Inf bucket returns
+    the largest finite bound. None when the buckets hold no observations.
+    """
+    if not buckets:
+        return None
+    total = buckets[-1][1]
+    if total <= 0:
+        return None
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for i, (le, count) in enumerate(buckets):
+        if count >= rank and count > prev_count:
+            if math.isinf(le):
+                return prev_le if i > 0 else None
+            if i == 0 and le <= 0:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+@dataclass
+class _Hist:
+    buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    count: float = 0.0
+    sum: float = 0.0
+
+    def sorted_buckets(self) -> list[tuple[float, float]]:
+        return sorted(self.buckets.items())
+
+
+@dataclass
+class _CounterTotals:
+    first: float
+    last: float
+    delta: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+
+class ScrapeState:
+    """Turns successive /metrics texts into canonical series; pure (no I/O), so it is unit-testable.
+
+    :param names: canonical name -> engine names in priority order (default `DEFAULT_NAMES`).
+    """
+
+    def __init__(self, names: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.names = {k: tuple(_strip_total(n) for n in v) for k, v in (names or DEFAULT_NAMES).items()}
+        self.n_scrapes = 0
+        self._prev_t: float | None = None
+        self._prev_counters: dict[str, float] = {}
+        self._prev_hists: dict[str, _Hist] = {}
+        self.counters: dict[str, _CounterTotals] = {}
+        self.hist_totals: dict[str, _Hist] = {}
+        self.gauges_last: dict[str, float] = {}
+        self.kinds: dict[str, str] = {}
+
+    def _parse(self, text: str) -> dict[str, tuple[str, list[Any]]]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {_strip_total(f.name): (f.type, f.samples) for f in text_string_to_metric_families(text)}
+
+    def update(self, text: str, t_s: float) -> list[tuple[str, float]]:
+        """Feed one scrape taken at `t_s`; return the (series, value) pairs it yields."""
+        families = self._parse(text)
+        out: list[tuple[str, float]] = []
+        dt = None if self._prev_t is None else t_s - self._prev_t
+        for canon, raw_names in self.names.items():
+            raw = next((n for n in raw_names if n in families), None)
+            if raw is None:
+                continue
+            ftype, samples = families[raw]
+            if ftype == "counter":
+                self.kinds[canon] = "counter"
+                self._update_counter(canon, samples, t_s, dt, out)
+            elif ftype == "histogram":
+                self.kinds[canon] = "histogram"
+                self._update_histogram(canon, samples, out)
+            elif ftype in ("gauge", "unknown"):
+                self.kinds[canon] = "gauge"
+                values = [s.value for s in samples if not math.isnan(s.value)]
+                if not values:
+                    continue
+                v = math.fsum(values)
+                if canon in _MEAN_GAUGES:
+                    v /= len(values)
+                self.gauges_last[canon] = v
+                out.append((canon, v))
+        self._prev_t = t_s
+        self.n_scrapes += 1
+        return out
+
+    def _update_counter(
+        self, canon: str, samples: list[Any], t_s: float, dt: float | None, out: list[tuple[str, float]]
+    ) -> None:
+        value = math.fsum(s.value for s in samples if not s.name.endswith("_created"))
+        prev = self._prev_counters.get(canon)
+        self._prev_counters[canon] = value
+        tot = self.counters.get(canon)
+        if tot is None:
+            self.counters[canon] = _CounterTotals(first=value, last=value, t_first=t_s, t_last=t_s)
+            return
+        # A drop means the server restarted: counting restarts from zero.
+        inc = value - prev if prev is not None and value >= prev else value
+        tot.delta += inc
+        tot.last = value
+        tot.t_last = t_s
+        if dt is not None and dt > 0:
+            out.append((f"{canon}_per_s", inc / dt))
+
+    def _update_histogram(self, canon: str, samples: list[Any], out: list[tuple[str, float]]) -> None:
+        cur = _Hist()
+        for s in samples:
+            if s.name.endswith("_bucket"):
+                le = float(s.labels["le"])
+                cur.buckets[le] = cur.buckets.get(le, 0.0) + s.value
+            elif s.name.endswith("_count"):
+                cur.count += s.value
+            elif s.name.endswith("_sum"):
+                cur.sum += s.value
+        prev = self._prev_hists.get(canon)
+        self._prev_hists[canon] = cur
+        total = self.hist_totals.setdefault(canon, _Hist())
+        if prev is None:
+            # First sight: the baseline. Bounds are recorded so totals keep the engine's buckets.
+            for le in cur.buckets:
+                total.buckets.setdefault(le, 0.0)
+            return
+        reset = cur.count < prev.count
+        d = _Hist(
+            buckets={le: c - (0.0 if reset else prev.buckets.get(le, 0.0)) for le, c in cur.buckets.items()},
+            count=cur.count - (0.0 if reset else prev.count),
+            sum=cur.sum - (0.0 if reset else prev.sum),
+        )
+        for le, c in d.buckets.items():
+            total.buckets[le] = total.buckets.get(le, 0.0) + c
+        total.count += d.count
+        total.sum += d.sum
+        if d.count > 0:
+            b = d.sorted_buckets()
+            for q, suffix in ((0.5, "p50"), (0.99, "p99")):
+                v = histogram_quantile(q, b)
+                if v is not None:
+                    out.append((f"{canon}_{suffix}", v))
+            out.append((f"{canon}_mean", d.sum / d.count))
+
+    def delta(self, name: str) -> float | None:
+        """Increase of counter `name` over the scrapes seen (resets handled); None if never seen."""
+        tot = self.counters.get(name)
+        return None if tot is None else tot.delta
+
+    def histogram_summary(self, name: str) -> dict[str, float]:
+        """Run totals of histogram `name`: count, sum, mean and p50/p99/max estimated from buckets.
+
+        `max` is the upper bound of the highest non-empty finite bucket (an estimate, not an
+        observation). {} when no observation arrived between the first and last scrape.
+        """
+        h = self.hist_totals.get(name)
+        if h is None or h.count <= 0:
+            return {}
+        b = h.sorted_buckets()
+        out = {"count": h.count, "sum": h.sum, "mean": h.sum / h.count}
+        for q, key in ((0.5, "p50"), (0.99, "p99")):
+            v = histogram_quantile(q, b)
+            if v is not None:
+                out[key] = v
+        prev = 0.0
+        top: float | None = None
+        for le, c in b:
+            if c > prev:
+                top = le
+            prev = c
+        if top is not None:
+            finite = [le for le, _ in b if not math.isinf(le)]
+            out["max"] = top if not math.isinf(top) else (finite[-1] if finite else math.inf)
+        return out
+
+
+class PrometheusCollector(BaseCollector):
+    """Scrapes an engine's `/metrics` every `interval_s` seconds.
+
+    Failures never raise: an HTTP error status marks the collector failed; connection errors before
+    any successful scrape mark it unavailable (the endpoint never answered).
+
+    :param url: the server base URL (`http://host:port`, `/v1` tolerated) or the full /metrics URL.
+    :param interval_s: seconds between scrapes.
+    :param headers: extra HTTP headers, e.g. an Authorization header.
+    :param timeout_s: per-request timeout; keep it below the interval.
+    :param names: canonical -> engine names; defaults to `DEFAULT_NAMES`. Use `extra_names` to add.
+    :param extra_names: additional engine names per canonical name, tried before the defaults.
+    :param name: source name in the timeline.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        interval_s: float = 1.0,
+        headers: Mapping[str, str] | None = None,
+        *,
+        timeout_s: float = 2.0,
+        names: Mapping[str, Sequence[str]] | None = None,
+        extra_names: Mapping[str, Sequence[str]] | None = None,
+        name: str = "engine",
+        stop_timeout_s: float | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            interval_s=interval_s,
+            stop_timeout_s=timeout_s + 1.0 if stop_timeout_s is None else stop_timeout_s,
+        )
+        self.url = metrics_url(url)
+        self.headers = dict(headers or {})
+        self.timeout_s = timeout_s
+        table = dict(names or DEFAULT_NAMES)
+        for canon, extra in (extra_names or {}).items():
+            table[canon] = tuple(extra) + tuple(table.get(canon, ()))
+        self.state = ScrapeState(table)
+        self.n_ok = 0
+        self._only_connection_errors = True
+        self._session: Any = None
+
+    def _setup(self) -> str | None:
+        import requests
+
+        self._session = requests.Session()
+        self._session.headers.update(self.headers)
+        return None
+
+    def _teardown(self) -> None:
+        if self._session is not None:
+            self._session.close()
+
+    def _sample(self) -> Iterable[tuple[str, float]]:
+        import requests
+
+        t_before = self._now_s()
+        try:
+            resp = self._session.get(self.url, timeout=self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise ConnectionError(f"cannot scrape {self.url}: {type(exc).__name__}") from exc
+        t = (t_before + self._now_s()) / 2.0
+        if resp.status_code != 200:
+            self._only_connection_errors = False
+            raise RuntimeError(f"HTTP {resp.status_code} from {self.url}")
+        try:
+            pairs = self.state.update(resp.text, t)
+        except Exception:
+            self._only_connection_errors = False
+            raise
+        self.n_ok += 1
+        return pairs
+
+    @property
+    def status(self) -> str:
+        if self.n_ok == 0 and self.n_errors > 0 and self._only_connection_errors:
+            return f"unavailable ({self._first_error})"
+        return super().status
+
+    def delta(self, name: str) -> float | None:
+        """Increase of counter `name` (canonical, e.g. "generation_tokens") over the run."""
+        return self.state.delta(name)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per-series stats, plus: counter rate series carry `delta`, `first`, `last` and the run's
+        mean `rate_per_s`; each histogram's canonical name holds its run totals (count, sum, mean,
+        p50, p99, max from the accumulated bucket deltas, more exact than averaging interval p99s)."""
+        out = super().summary()
+        # list(): the scrape thread may add names while a caller reads a live summary.
+        for canon, tot in list(self.state.counters.items()):
+            extra = {"delta": tot.delta, "first": tot.first, "last": tot.last}
+            elapsed = tot.t_last - tot.t_first
+            if elapsed > 0:
+                extra["rate_per_s"] = tot.delta / elapsed
+            out.setdefault(f"{canon}_per_s", {}).update(extra)
+        for canon in list(self.state.hist_totals):
+            hs = self.state.histogram_summary(canon)
+            if hs:
+                out[canon] = hs
+        return out

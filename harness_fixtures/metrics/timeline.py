@@ -1,0 +1,83 @@
+"""The merged metrics timeline as a CSV file, its reader, and per-series summaries.
+
+File format (`timeline.csv`): a first comment line `# schema_version=1 t0_unix_s=<float>` holding the
+wall-clock time of t0 once (empty when unknown), then a header `t_s,source,series,value` and one row
+per sample sorted by t_s (seconds since the test start). One file, no side-car to lose; pandas reads
+it with `pd.read_csv(path, comment="#")`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from .base import Sample, series_stats
+
+__all__ = ["SCHEMA_VERSION", "Timeline", "read_timeline", "summarize", "write_timeline"]
+
+SCHEMA_VERSION = 1
+_COLUMNS = ["t_s", "source", "series", "value"]
+
+
+class Timeline(NamedTuple):
+    t0_unix_s: float | None
+    samples: list[Sample]
+
+
+def write_timeline(path: Path | str, samples: Iterable[Sample], t0_unix_s: float | None = None) -> Path:
+    """Write `samples` to `path` (parents created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = sorted(samples, key=lambda s: (s.t_s, s.source, s.series))
+    t0 = "" if t0_unix_s is None else f"{t0_unix_s:.6f}"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        f.write(f"# schema_version={SCHEMA_VERSION} t0_unix_s={t0}\n")
+        w = csv.writer(f)
+        w.writerow(_COLUMNS)
+        for s in rows:
+            # repr-exact floats: a round trip returns the same numbers.
+            w.writerow([repr(float(s.t_s)), s.source, s.series, repr(float(s.value))])
+    return path
+
+
+def read_timeline(path: Path | str) -> Timeline:
+    """Read a file written by `write_timeline`.
+
+    :raises ValueError: when the header is not the expected one or the schema version is newer.
+    """
+    path = Path(path)
+    t0: float | None = None
+    with path.open(newline="", encoding="utf-8") as f:
+        first = f.readline()
+        if first.startswith("#"):
+            fields = dict(kv.split("=", 1) for kv in first[1:].split() if "=" in kv)
+            version = int(fields.get("schema_version", "1"))
+            if version > SCHEMA_VERSION:
+                raise ValueError(
+                    f"{path}: timeline schema_version {version!r} is newer than this reader's "
+                    f"{SCHEMA_VERSION}; upgrade harness-fixtures"
+                )
+            t0 = float(fields["t0_unix_s"]) if fields.get("t0_unix_s") else None
+            header = f.readline()
+        else:
+            header = first
+        if header.strip().split(",") != _COLUMNS:
+            raise ValueError(f"{path}: expected header {','.join(_COLUMNS)!r}, got {header.strip()!r}")
+        samples = [Sample(float(r[0]), r[1], r[2], float(r[3])) for r in csv.reader(f) if r]
+    return Timeline(t0, samples)
+
+
+def summarize(samples: Iterable[Sample]) -> dict[str, dict[str, dict[str, float]]]:
+    """{source: {series: {n, mean, min, max, p50, p99}}} over the samples' values (NaN ignored)."""
+    grouped: dict[str, dict[str, list[float]]] = {}
+    for s in samples:
+        grouped.setdefault(s.source, {}).setdefault(s.series, []).append(s.value)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for source, series in sorted(grouped.items()):
+        for name, values in sorted(series.items()):
+            st = series_stats(values)
+            if st:
+                out.setdefault(source, {})[name] = st
+    return out

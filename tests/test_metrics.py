@@ -1,0 +1,629 @@
+"""Unit tests of harness_fixtures.metrics: parsing, collectors' failure handling, timeline, plots."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from harness_fixtures.metrics import (
+    BaseCollector,
+    CollectorSet,
+    HostCollector,
+    NvmlCollector,
+    PrometheusCollector,
+    Sample,
+    read_timeline,
+    summarize,
+    write_timeline,
+)
+from harness_fixtures.metrics.prometheus import ScrapeState, histogram_quantile, metrics_url
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# -- helpers -------------------------------------------------------------------------------------
+LABELS = 'engine="0",model_name="m"'
+TTFT_BOUNDS = ["0.05", "0.1", "0.2", "0.5", "1.0"]
+
+
+def vllm_text(n: int) -> str:
+    """vLLM-shaped exposition after `n` scrape steps: +100 generation tokens and 10 TTFT
+    observations in the (0.1, 0.2] bucket (sum +1.5 s) per step; two engines for the gauges."""
+    gen = 1000 + 100 * n
+    obs = 10 * n
+    lines = [
+        "# TYPE vllm:num_requests_running gauge",
+        'vllm:num_requests_running{engine="0",model_name="m"} 2.0',
+        'vllm:num_requests_running{engine="1",model_name="m"} 3.0',
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.2',
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.4',
+        "# TYPE vllm:generation_tokens_total counter",
+        f"vllm:generation_tokens_total{{{LABELS}}} {gen}.0",
+        "# TYPE vllm:time_to_first_token_seconds histogram",
+    ]
+    for le in [*TTFT_BOUNDS, "+Inf"]:
+        count = obs if le in ("0.2", "0.5", "1.0", "+Inf") else 0
+        lines.append(f'vllm:time_to_first_token_seconds_bucket{{{LABELS},le="{le}"}} {count}.0')
+    lines += [
+        f"vllm:time_to_first_token_seconds_count{{{LABELS}}} {obs}.0",
+        f"vllm:time_to_first_token_seconds_sum{{{LABELS}}} {1.5 * n}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+ServeFn = Callable[[int, Callable[[int], str]], str]
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[ServeFn]:
+    """Start a local /metrics server; `serve(status, body_for_scrape_n)` returns its base URL."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve(status: int, body: Callable[[int], str]) -> str:
+        hits = [0]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                payload = body(hits[0]).encode()
+                hits[0] += 1
+                self.send_response(status if self.path == "/metrics" else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield serve
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _nvml_present() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
+# -- Prometheus parsing ----------------------------------------------------------------------------
+VLLM_KINDS = {
+    **{k: "gauge" for k in ("running", "waiting", "kv_cache_usage")},
+    **{
+        k: "counter"
+        for k in (
+            "prompt_tokens",
+            "generation_tokens",
+            "request_success",
+            "preemptions",
+            "prefix_cache_hits",
+            "prefix_cache_queries",
+        )
+    },
+    **{k: "histogram" for k in ("ttft_s", "itl_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s")},
+}
+
+
+def test_small_vllm_fixture_maps_every_family() -> None:
+    state = ScrapeState()
+    out = dict(state.update((FIXTURES / "vllm_metrics_small.txt").read_text(), t_s=0.0))
+    assert out == {"running": 3.0, "waiting": 2.0, "kv_cache_usage": 0.25}
+    assert state.kinds == VLLM_KINDS
+    # request_success sums its finished_reason label sets.
+    assert state.counters["request_success"].first == 16.0
+
+
+def test_real_vllm_fixture_maps_every_family() -> None:
+    path = FIXTURES / "vllm_metrics.txt"
+    if not path.exists():
+        pytest.skip(f"{path.name} (a real vLLM /metrics dump) not captured yet")
+    state = ScrapeState()
+    out = dict(state.update(path.read_text(), t_s=0.0))
+    assert out.keys() == {"running", "waiting", "kv_cache_usage"}
+    assert 0.0 <= out["kv_cache_usage"] <= 1.0
+    assert state.kinds == VLLM_KINDS
+    assert state.counters["generation_tokens"].first > 0
+
+
+def test_counter_rates_and_histogram_quantiles_between_scrapes() -> None:
+    state = ScrapeState()
+    first = dict(state.update(vllm_text(0), t_s=10.0))
+    assert first == {"running": 5.0, "kv_cache_usage": pytest.approx(0.3)}  # sum / mean over engines
+    second = dict(state.update(vllm_text(1), t_s=12.0))
+    assert second["generation_tokens_per_s"] == pytest.approx(50.0)  # 100 tokens / 2 s
+    # 10 observations in (0.1, 0.2]: linear interpolation puts p50 at 0.15, p99 at 0.199.
+    assert second["ttft_s_p50"] == pytest.approx(0.15)
+    assert second["ttft_s_p99"] == pytest.approx(0.199)
+    assert second["ttft_s_mean"] == pytest.approx(0.15)
+    state.update(vllm_text(3), t_s=14.0)
+    assert state.delta("generation_tokens") == 300.0
+    totals = state.histogram_summary("ttft_s")
+    assert totals["count"] == 30.0 and totals["sum"] == pytest.approx(4.5)
+    assert totals["p50"] == pytest.approx(0.15) and totals["max"] == 0.2
+
+
+def test_counter_reset_counts_from_zero() -> None:
+    state = ScrapeState()
+    state.update(vllm_text(5), t_s=0.0)  # 1500 tokens
+    out = dict(state.update(vllm_text(0).replace("1000.0", "40.0"), t_s=1.0))
+    assert state.delta("generation_tokens") == 40.0
+    assert out["generation_tokens_per_s"] == 40.0
+    assert "ttft_s_p50" not in out  # histogram reset to zero observations
+
+
+def test_histogram_quantile_edges() -> None:
+    inf = math.inf
+    assert histogram_quantile(0.5, [(1.0, 0.0), (inf, 0.0)]) is None
+    assert histogram_quantile(0.5, [(1.0, 10.0), (2.0, 10.0), (inf, 10.0)]) == pytest.approx(0.5)
+    # Rank in the +Inf bucket: the largest finite bound, as PromQL does.
+    assert histogram_quantile(0.99, [(1.0, 1.0), (2.0, 2.0), (inf, 10.0)]) == 2.0
+
+
+def test_sglang_names_and_deprecated_aliases() -> None:
+    sglang = "\n".join(
+        [
+            "# TYPE sglang:num_running_reqs gauge",
+            'sglang:num_running_reqs{model_name="m"} 4.0',
+            "# TYPE sglang:num_queue_reqs gauge",
+            'sglang:num_queue_reqs{model_name="m"} 1.0',
+            "# TYPE sglang:token_usage gauge",
+            'sglang:token_usage{model_name="m"} 0.5',
+            "# TYPE sglang:generation_tokens_total counter",
+            'sglang:generation_tokens_total{model_name="m"} 10.0',
+            "# TYPE sglang:time_to_first_token_seconds histogram",
+            'sglang:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 1.0',
+            'sglang:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 1.0',
+            'sglang:time_to_first_token_seconds_count{model_name="m"} 1.0',
+            'sglang:time_to_first_token_seconds_sum{model_name="m"} 0.05',
+        ]
+    )
+    state = ScrapeState()
+    assert dict(state.update(sglang, 0.0)) == {"running": 4.0, "waiting": 1.0, "kv_cache_usage": 0.5}
+    assert state.kinds["generation_tokens"] == "counter" and state.kinds["ttft_s"] == "histogram"
+    # vLLM exposed old and new names side by side for a while: the new one wins, no double count.
+    both = "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc 0.9\n" + vllm_text(0)
+    assert dict(ScrapeState().update(both, 0.0))["kv_cache_usage"] == pytest.approx(0.3)
+
+
+def test_metrics_url() -> None:
+    assert metrics_url("http://h:8000") == "http://h:8000/metrics"
+    assert metrics_url("http://h:8000/v1/") == "http://h:8000/metrics"
+    assert metrics_url("http://h:8000/metrics") == "http://h:8000/metrics"
+
+
+# -- Prometheus collector over HTTP ----------------------------------------------------------------
+def test_prometheus_collector_scrapes_rates_and_quantiles(metrics_server: ServeFn) -> None:
+    url = metrics_server(200, vllm_text)
+    col = PrometheusCollector(url + "/v1", interval_s=0.1)
+    col.start(time.monotonic_ns())
+    time.sleep(0.6)
+    col.stop()
+    assert col.status == "ok"
+    assert not col.is_running
+    n = col.n_ok
+    assert n >= 3
+    assert col.delta("generation_tokens") == 100.0 * (n - 1)
+    rates = [v for _, v in col.series("generation_tokens_per_s")]
+    assert len(rates) == n - 1 and all(r > 0 for r in rates)
+    assert all(v == pytest.approx(0.15) for _, v in col.series("ttft_s_p50"))
+    summary = col.summary()
+    assert summary["ttft_s"]["count"] == 10.0 * (n - 1)
+    assert summary["generation_tokens_per_s"]["delta"] == 100.0 * (n - 1)
+    assert {"mean", "max", "p50", "p99"} <= summary["running"].keys()
+
+
+def test_prometheus_404_is_failed_not_raised(metrics_server: ServeFn) -> None:
+    url = metrics_server(404, lambda n: "not found")
+    col = PrometheusCollector(url, interval_s=0.1)
+    col.start(time.monotonic_ns())
+    time.sleep(0.3)
+    t = time.monotonic()
+    col.stop()
+    assert time.monotonic() - t < 1.0
+    assert col.status.startswith("failed (") and "HTTP 404" in col.status
+    assert col.samples() == [] and col.n_errors >= 2
+
+
+def test_prometheus_connection_refused_is_unavailable() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the scrape: nothing listens
+    col = PrometheusCollector(f"http://127.0.0.1:{port}", interval_s=0.1, timeout_s=0.5)
+    col.start(time.monotonic_ns())
+    time.sleep(0.2)
+    col.stop()
+    assert col.status.startswith("unavailable (") and "cannot scrape" in col.status
+
+
+# -- base class failure handling -------------------------------------------------------------------
+class _Counter(BaseCollector):
+    def __init__(
+        self,
+        name: str,
+        fail_on: int | None = None,
+        block: threading.Event | None = None,
+        stop_timeout_s: float = 3.0,
+    ) -> None:
+        super().__init__(name, interval_s=0.05, stop_timeout_s=stop_timeout_s)
+        self.calls = 0
+        self.fail_on = fail_on
+        self.block = block
+
+    def _sample(self) -> Iterable[tuple[str, float]]:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("boom")
+        if self.block is not None and self.calls > 1:
+            self.block.wait(30)
+        return [("calls", float(self.calls))]
+
+
+def test_failing_collector_is_reported_and_others_keep_sampling() -> None:
+    good, bad = _Counter("good"), _Counter("bad", fail_on=2)
+    cset = CollectorSet([good, bad])
+    cset.start()
+    time.sleep(0.4)
+    t = time.monotonic()
+    cset.stop()
+    assert time.monotonic() - t < 1.0
+    statuses = cset.statuses()
+    assert statuses["good"] == "ok"
+    assert statuses["bad"].startswith("failed (") and "RuntimeError: boom" in statuses["bad"]
+    # The failing collector kept its schedule after the error.
+    assert bad.calls >= 4 and len(bad.samples()) == bad.calls - 1
+    merged = cset.samples()
+    assert [s.t_s for s in merged] == sorted(s.t_s for s in merged)
+    assert {s.source for s in merged} == {"good", "bad"}
+    assert cset.t0_unix_s is not None and abs(cset.t0_unix_s - time.time()) < 5
+
+
+def test_hung_collector_cannot_stall_stop() -> None:
+    release = threading.Event()
+    hung = _Counter("hung", block=release, stop_timeout_s=0.3)
+    try:
+        cset = CollectorSet([hung, _Counter("other", stop_timeout_s=0.3)])
+        cset.start()
+        time.sleep(0.2)
+        t = time.monotonic()
+        cset.stop()
+        assert time.monotonic() - t < 1.5
+        assert cset.statuses()["hung"].startswith("failed (did not stop")
+        assert cset.statuses()["other"] == "ok"
+    finally:
+        release.set()
+
+
+def test_collector_set_rejects_duplicate_names() -> None:
+    with pytest.raises(ValueError, match="duplicated"):
+        CollectorSet([_Counter("x"), _Counter("x")])
+
+
+# -- NVML ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(_nvml_present(), reason="NVML works here; this tests the no-GPU path")
+def test_nvml_absent_is_unavailable_without_thread(caplog: pytest.LogCaptureFixture) -> None:
+    col = NvmlCollector(interval_s=0.2)
+    with caplog.at_level("INFO", logger="harness_fixtures.metrics"):
+        col.start(time.monotonic_ns())
+    assert col.status.startswith("unavailable (")
+    assert not col.is_running
+    assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
+    col.stop()
+    assert col.samples() == [] and col.energy_j_total() is None and col.gpu_info() == []
+
+
+def test_nvml_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    col = NvmlCollector()
+    col.start(time.monotonic_ns())
+    assert col.status.startswith("unavailable (pynvml not importable")
+    assert not col.is_running
+
+
+class _FakeNVMLError(Exception):
+    def __init__(self, value: int) -> None:
+        super().__init__(f"NVML error {value}")
+        self.value = value
+
+
+def _fake_pynvml() -> types.ModuleType:
+    """Two GPUs; GPU 1 lacks the energy counter (NOT_SUPPORTED), like pre-Volta boards."""
+    nv = types.ModuleType("pynvml")
+    energy = {0: 5_000_000}
+    calls = {"energy1": 0}
+    state = {"load": False}  # tests flip this to emulate a busy GPU
+
+    def total_energy(h: int) -> int:
+        if h == 1:
+            calls["energy1"] += 1
+            raise _FakeNVMLError(3)
+        energy[0] += 1000  # 1 J per sample
+        return energy[0]
+
+    attrs = {
+        "NVMLError": _FakeNVMLError,
+        "NVML_ERROR_NOT_SUPPORTED": 3,
+        "NVML_ERROR_FUNCTION_NOT_FOUND": 13,
+        "NVML_CLOCK_SM": 1,
+        "NVML_CLOCK_MEM": 2,
+        "NVML_TEMPERATURE_GPU": 0,
+        "calls": calls,
+        "state": state,
+        "nvmlInit": lambda: None,
+        "nvmlShutdown": lambda: None,
+        "nvmlDeviceGetCount": lambda: 2,
+        "nvmlDeviceGetHandleByIndex": lambda i: i,
+        "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(
+            gpu=(90 if state["load"] else 3) + h, memory=40
+        ),
+        "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(used=2**30, total=80 * 2**30),
+        "nvmlDeviceGetPowerUsage": lambda h: 350_000 if state["load"] else 80_000,
+        "nvmlDeviceGetTotalEnergyConsumption": total_energy,
+        "nvmlDeviceGetClockInfo": lambda h, c: 1980 if c == 1 else 2619,
+        "nvmlDeviceGetTemperature": lambda h, s: 61,
+        "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 4,
+        "nvmlSystemGetDriverVersion": lambda: "550.54.15",
+        "nvmlSystemGetNVMLVersion": lambda: b"12.550.54.15",
+        "nvmlSystemGetCudaDriverVersion": lambda: 12040,
+        "nvmlDeviceGetName": lambda h: "NVIDIA H100 80GB HBM3",
+        "nvmlDeviceGetUUID": lambda h: f"GPU-{h}",
+        "nvmlDeviceGetEnforcedPowerLimit": lambda h: 700_000,
+    }
+    for k, v in attrs.items():
+        setattr(nv, k, v)
+    return nv
+
+
+def test_nvml_sampling_with_fake_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_pynvml()
+    fake.state["load"] = True  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    col = NvmlCollector(interval_s=0.1)
+    col.start(time.monotonic_ns())
+    time.sleep(0.35)
+    col.stop()
+    assert col.status == "ok"
+    fields = {"util_gpu_pct", "util_mem_pct", "mem_used_mib", "power_w", "sm_clock_mhz", "mem_clock_mhz"}
+    fields |= {"temp_c", "throttle_reasons"}
+    summary = col.summary()
+    assert {f"gpu0.{f}" for f in fields | {"energy_mj"}} <= summary.keys()
+    assert {f"gpu1.{f}" for f in fields} <= summary.keys() and "gpu1.energy_mj" not in summary
+    assert summary["gpu0.power_w"]["mean"] == 350.0 and summary["gpu1.util_gpu_pct"]["max"] == 91.0
+    assert summary["gpu0.mem_used_mib"]["p50"] == 1024.0
+    n = len(col.series("gpu0.energy_mj"))
+    assert n >= 3 and col.energy_j_total() == pytest.approx(n - 1.0)
+    assert summary["gpu0.energy_mj"]["delta_j"] == pytest.approx(n - 1.0)
+    assert fake.calls["energy1"] == 1  # NOT_SUPPORTED is remembered, not retried or counted
+    info = col.gpu_info()
+    assert [g["uuid"] for g in info] == ["GPU-0", "GPU-1"]
+    assert info[0]["cuda_driver_version"] == "12.4" and info[0]["nvml_version"] == "12.550.54.15"
+    assert info[0]["memory_total_mib"] == 80 * 1024 and info[0]["power_limit_w"] == 700.0
+
+
+def test_nvml_driver_error_mid_run_is_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_pynvml()
+
+    def gpu_lost(h: int) -> int:
+        raise _FakeNVMLError(15)  # NVML_ERROR_GPU_IS_LOST
+
+    fake.nvmlDeviceGetPowerUsage = gpu_lost  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    col = NvmlCollector(interval_s=0.1)
+    col.start(time.monotonic_ns())
+    time.sleep(0.25)
+    col.stop()
+    assert col.status.startswith("failed (") and "NVML error 15" in col.status
+    assert not col.is_running
+
+
+def test_nvml_interval_floor() -> None:
+    with pytest.raises(ValueError, match=r">= 0\.1"):
+        NvmlCollector(interval_s=0.05)
+
+
+# -- host ------------------------------------------------------------------------------------------
+def test_host_collector_sees_client_cpu_burn() -> None:
+    col = HostCollector(interval_s=0.2)
+    col.start(time.monotonic_ns())
+    deadline = time.monotonic() + 1.5
+    x = 0
+    while time.monotonic() < deadline:
+        x += 1
+    col.stop()
+    assert col.status == "ok"
+    client = [v for _, v in col.series("client_cpu_pct")]
+    assert len(client) >= 5
+    assert max(client) >= 40.0  # a busy Python loop: most of one core even on a shared machine
+    assert {
+        "cpu_pct",
+        "cpu_max_core_pct",
+        "mem_used_mib",
+        "mem_pct",
+        "client_rss_mib",
+    } <= col.summary().keys()
+    frac = col.client_cpu_bound_fraction(threshold=40.0)
+    assert frac is not None and frac > 0
+    assert col.client_cpu_bound_fraction(threshold=1e9) == 0.0
+
+
+# -- timeline --------------------------------------------------------------------------------------
+def test_timeline_round_trip(tmp_path: Path) -> None:
+    samples = [
+        Sample(1.5, "engine", "running", 3.0),
+        Sample(0.1, "host", "cpu_pct", 12.345678901234567),
+        Sample(0.5, "gpu", "gpu0.power_w", 301.25),
+        Sample(1.5, "engine", "waiting", 0.0),
+    ]
+    path = write_timeline(tmp_path / "out" / "timeline.csv", samples, t0_unix_s=1_700_000_000.25)
+    assert path.read_text().splitlines()[:2] == [
+        "# schema_version=1 t0_unix_s=1700000000.250000",
+        "t_s,source,series,value",
+    ]
+    tl = read_timeline(path)
+    assert tl.t0_unix_s == 1_700_000_000.25
+    assert tl.samples == sorted(samples, key=lambda s: (s.t_s, s.source, s.series))
+    summ = summarize(tl.samples)
+    assert summ["host"]["cpu_pct"]["p50"] == 12.345678901234567
+    assert set(summ["engine"]) == {"running", "waiting"}
+    assert read_timeline(write_timeline(tmp_path / "empty.csv", [])).samples == []
+
+
+def test_timeline_rejects_foreign_csv(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected header"):
+        read_timeline(path)
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", head[16:24])
+    return w, h
+
+
+def _synthetic_run() -> tuple[list[Sample], list[dict[str, object]]]:
+    samples = []
+    for k in range(30):
+        t = k * 0.5
+        samples += [
+            Sample(t, "engine", "running", float(k % 8)),
+            Sample(t, "engine", "waiting", float(k % 3)),
+            Sample(t, "engine", "kv_cache_usage", k / 40),
+            Sample(t, "engine", "generation_tokens_per_s", 100.0 + k),
+            Sample(t, "engine", "ttft_s_p50", 0.1),
+            Sample(t, "engine", "ttft_s_p99", 0.3),
+            Sample(t, "host", "cpu_pct", 50.0 + k),
+            Sample(t, "host", "client_cpu_pct", 60.0 + k),
+            Sample(t, "host", "mem_pct", 40.0),
+            Sample(t, "gpu", "gpu0.util_gpu_pct", float(k * 3)),
+            Sample(t, "gpu", "gpu0.power_w", 100.0 + k),
+            Sample(t, "gpu", "gpu0.mem_used_mib", 1000.0),
+        ]
+    requests: list[dict[str, object]] = []
+    for i in range(200):
+        issued = i * 0.07
+        first = issued + 0.05 + (i % 10) * 0.01
+        requests.append(
+            {
+                "issued_s": issued,
+                "sent_s": issued + 0.001,
+                "first_token_s": first,
+                "done_s": first + 0.5,
+                "n_tokens": 32,
+                "status": "ok" if i % 50 else "error",
+            }
+        )
+    return samples, requests
+
+
+def test_plots_written_against_time(tmp_path: Path) -> None:
+    from harness_fixtures.metrics.plots import build_figures, write_plots
+
+    samples, requests = _synthetic_run()
+    figs = build_figures(samples, requests)
+    assert set(figs) == {"client", "engine", "host", "gpu"}
+    throughput, ttft, tpot = figs["client"].axes[:3]
+    assert throughput.lines and ttft.lines and tpot.lines  # rolling p50/p99 lines were drawn
+    # x is time, not sample number: the engine lines span the run's 14.5 s.
+    xs = list(figs["engine"].axes[0].lines[0].get_xdata())  # type: ignore[arg-type]
+    assert xs[0] == 0.0 and xs[-1] == 14.5
+
+    paths = write_plots(tmp_path, samples, requests)
+    assert sorted(p.name for p in paths) == ["client.png", "engine.png", "gpu.png", "host.png"]
+    for p in paths:
+        assert p.stat().st_size > 20_000, p
+        assert _png_size(p) == (1200, 800)
+
+
+def test_plots_skip_absent_data(tmp_path: Path) -> None:
+    from harness_fixtures.metrics.plots import write_plots
+
+    assert write_plots(tmp_path, [], []) == []
+    only_host = [Sample(float(t), "host", "cpu_pct", 10.0) for t in range(5)]
+    assert [p.name for p in write_plots(tmp_path, only_host, [])] == ["host.png"]
+
+
+# -- tools/gpu_check.py ----------------------------------------------------------------------------
+@pytest.mark.skipif(_nvml_present(), reason="NVML works here; the no-GPU exit code is not reachable")
+def test_gpu_check_exits_3_without_nvml() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--duration-s", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("NVML unavailable (")
+
+
+def _import_gpu_check() -> types.ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("load_moves_gpu, expected_rc", [(True, 0), (False, 1)])
+def test_gpu_check_logic_with_fake_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    load_moves_gpu: bool,
+    expected_rc: int,
+) -> None:
+    """The idle/load/idle analysis, on a fake NVML whose GPU gets busy while the fake load runs."""
+    gpu_check = _import_gpu_check()
+    fake = _fake_pynvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+
+    def fake_load(torch: object, seconds: float) -> int:
+        fake.state["load"] = load_moves_gpu  # type: ignore[attr-defined]
+        time.sleep(seconds)
+        fake.state["load"] = False  # type: ignore[attr-defined]
+        return 1
+
+    monkeypatch.setattr(gpu_check, "_load_source", lambda: (object(), None))
+    monkeypatch.setattr(gpu_check, "_gpu_load", fake_load)
+    args = ["--duration-s", "2", "--interval-s", "0.1", "--settle-s", "0.15", "--out", str(tmp_path)]
+    rc = gpu_check.main(args)
+    out = capsys.readouterr().out
+    assert rc == expected_rc, out
+    assert (tmp_path / "timeline.csv").exists() and (tmp_path / "gpu.png").exists()
+    if expected_rc == 0:
+        assert out.rstrip().endswith("PASS")
+    else:
+        assert "no GPU showed utilization" in out
