@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,14 @@ def run_benchmark(
     opts: RunOptions,
     test_dir: Path,
     dataset_path: Path,
+    t0_ns: int | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> BenchmarkResult:
-    """Run LoadGen for one case × scenario in a child process and turn its logs into a result."""
+    """Run LoadGen for one case × scenario in a child process and turn its logs into a result.
+
+    ``t0_ns`` (time.monotonic_ns) is the test's time origin, shared by requests.jsonl and the
+    telemetry timeline; ``on_start(pid)`` is called once the child (the client) is running.
+    """
     test_dir.mkdir(parents=True, exist_ok=True)
     lg_scenario = LOADGEN_SCENARIO[scenario]
     spec = RunSpec(
@@ -121,6 +128,7 @@ def run_benchmark(
         sample_count=opts.sample_count,
         request_timeout_s=opts.request_timeout_s,
         warmup=opts.warmup,
+        t0_monotonic_ns=t0_ns,
     )
     spec_path = test_dir / "run_spec.json"
     spec_path.write_text(spec.model_dump_json(indent=1))
@@ -137,6 +145,8 @@ def run_benchmark(
             start_new_session=True,  # Ctrl-C reaches pytest only; we stop the child ourselves
         )
     engine_dead_since: float | None = None
+    if on_start is not None:
+        on_start(proc.pid)
     try:
         while proc.poll() is None:
             now = time.monotonic()

@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 
 from . import hookspecs
-from .benchmark import RunOptions, failure_reasons, run_benchmark
+from .benchmark import RunOptions, build_result, failure_reasons, read_requests, run_benchmark
 from .config import BenchmarkCase, ConfigError, load_cases
 from .dataset import DatasetError, load_dataset
 from .environment import capture as capture_environment
 from .environment import redact_argv
 from .results import BenchmarkResult, write_yaml
 from .servers import LAUNCHERS, Endpoint, EngineError, LaunchContext
+from .telemetry import TestTelemetry
 from .userconf import UserConfError, parse_user_conf
 
 log = logging.getLogger("harness_fixtures")
@@ -93,7 +94,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(
             dest,
             help=f"{help_} Default: {default}.",
-            type="bool" if action else "string",
+            type="bool" if action else "string",  # type: ignore[arg-type,maybe-unrecognized-str-typeform]
             default=False if action else default,
         )
 
@@ -113,7 +114,7 @@ def _path_opt(config: pytest.Config, name: str) -> Path | None:
     dest = "harness_" + name.replace("-", "_")
     cli = config.getoption(dest)
     if cli is not None:
-        return (config.invocation_params.dir / cli).resolve()
+        return (config.invocation_params.dir / str(cli)).resolve()
     ini = config.getini(dest)
     return (config.rootpath / ini).resolve() if ini else None
 
@@ -127,7 +128,7 @@ def _float_opt(config: pytest.Config, name: str) -> float | None:
     except ValueError:
         raise pytest.UsageError(
             f"--harness-{name} / ini harness_{name.replace('-', '_')}: {value!r} is not a number"
-        )
+        ) from None
 
 
 # -- configure -----------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class EngineManager:
             pytest.fail(self.failed[case.name], pytrace=False)
         endpoint.info["stop_timeout_s"] = case.engine.stop_timeout_s
         self.current = (case.name, endpoint, launcher)
-        return endpoint
+        return endpoint  # type: ignore[no-any-return]
 
     def stop(self) -> None:
         if self.current is None:
@@ -376,18 +377,32 @@ class HarnessBenchmark:
         dataset_path = case.resolve(case.dataset.path)
         try:
             load_dataset(case.dataset, dataset_path)  # fail here, clearly, before LoadGen starts
+            dataset_error = None
         except DatasetError as exc:
+            dataset_error = str(exc)
+        if dataset_error is not None:
+            # Outside the except block: pytest would print the message twice, as a chained exception.
             if self.config.getoption("harness_skip_missing") or self.config.getini("harness_skip_missing"):
-                pytest.skip(str(exc))
-            self._emit(self._error_result(str(exc)), None, started)
-            pytest.fail(str(exc), pytrace=False)
+                pytest.skip(dataset_error)
+            self._emit(self._error_result(dataset_error), None, started)
+            pytest.fail(dataset_error, pytrace=False)
         endpoint: Endpoint = self.request.getfixturevalue("harness_engine")
         log.info("running %s against %s (%s)", case.test_id(scenario), endpoint.base_url, endpoint.kind)
+        telemetry = TestTelemetry(endpoint.base_url, endpoint.headers)
+        t0_ns = time.monotonic_ns()
         try:
-            result = run_benchmark(case, scenario, endpoint, opts, self.test_dir, dataset_path)
+            result = run_benchmark(
+                case,
+                scenario,
+                endpoint,
+                opts,
+                self.test_dir,
+                dataset_path,
+                t0_ns=t0_ns,
+                on_start=lambda pid: telemetry.start(t0_ns, pid),
+            )
         except KeyboardInterrupt:
-            from .benchmark import build_result
-
+            telemetry.stop()
             result = build_result(
                 case,
                 scenario,
@@ -399,11 +414,23 @@ class HarnessBenchmark:
                 time.time() - started,
                 endpoint.alive(),
             )
+            self._attach_telemetry(result, telemetry)
             self._emit(result, endpoint, started, write_now=True)
             raise
+        telemetry.stop()
+        self._attach_telemetry(result, telemetry)
         self._emit(result, endpoint, started)
         self.result = result
         return result
+
+    def _attach_telemetry(self, result: BenchmarkResult, telemetry: TestTelemetry) -> None:
+        requests = read_requests(self.test_dir / "requests.jsonl")
+        result.telemetry = telemetry.finish(self.test_dir, requests, result.queries.output_tokens)
+        for key in ("timeline",):
+            if key in result.telemetry:
+                result.paths[key] = result.telemetry[key]
+        if result.telemetry.get("plots"):
+            result.paths["plots"] = str(self.test_dir / "plots")
 
     def _error_result(self, reason: str) -> BenchmarkResult:
         return BenchmarkResult(
@@ -503,16 +530,18 @@ class HarnessReporter:
         if not payloads:
             return
         props[:] = [(k, v) for k, v in props if k != RESULT_PROP]
-        if report.when != "call":
-            return  # every phase's report carries a copy of the item's properties; emit once
         data = json.loads(str(payloads[-1]))
         r = data["result"]
+        # Every phase's report carries its own copy of the item's properties, and junitxml reads the
+        # teardown report's: put the compact properties on each report that carried the payload.
         for key in ("status", "tokens_per_s", "samples_per_s"):
             props.append((f"harness_{key}", r.get(key)))
         props.append(("harness_ttft_p99_ms", r["ttft_ms"].get("p99")))
         props.append(("harness_tpot_p99_ms", r["tpot_ms"].get("p99")))
         props.append(("harness_failed_requests", r["queries"]["failed"]))
         props.append(("harness_result_path", data["metadata"]["outputs"]["result"]))
+        if report.when != "call":
+            return  # the hook (and the files) once per test
         self.config.hook.pytest_harness_result(
             config=self.config, item_id=report.nodeid, result=r, metadata=data["metadata"]
         )
@@ -570,7 +599,8 @@ class HarnessReporter:
         for r in state.results:
             if r["status"] != "VALID" and r.get("reason"):
                 tr.write_line(f"{r['test_id']}: {r['status']}: {r['reason'].splitlines()[0]}", red=True)
-        tr.write_line(f"session results: {state.session_dir / 'session.yaml'}")
+        if state.session_dir is not None:
+            tr.write_line(f"session results: {state.session_dir / 'session.yaml'}")
 
 
 def _fmt(v: Any, spec: str = ".1f") -> str:

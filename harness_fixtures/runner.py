@@ -50,6 +50,7 @@ class RunSpec(BaseModel):
     request_timeout_s: float = 600.0
     max_connections: int = 1024
     warmup: bool = True
+    t0_monotonic_ns: int | None = None  # the test's t0, shared with the parent's collectors
 
 
 class _RequestLog:
@@ -111,12 +112,13 @@ def run(spec: RunSpec) -> int:
     out = Path(spec.out_dir)
     mlperf_dir = out / "mlperf"
     mlperf_dir.mkdir(parents=True, exist_ok=True)
-    t0_ns = time.monotonic_ns()
+    t0_ns = spec.t0_monotonic_ns or time.monotonic_ns()
     parse_user_conf(Path(spec.user_conf))  # the parent validated it too; never let LoadGen see typos
     ds = load_dataset(spec.dataset, Path(spec.dataset_path))
     n_samples = min(len(ds), spec.sample_count) if spec.sample_count else len(ds)
-    prompts: list[list[int] | str] = (
-        list(ds.tok_inputs[:n_samples]) if spec.generation.api == "completions" else ds.inputs[:n_samples]
+    prompts: list[list[int] | str] = []
+    prompts.extend(
+        ds.tok_inputs[:n_samples] if spec.generation.api == "completions" else ds.inputs[:n_samples]
     )
 
     settings = lg.TestSettings()

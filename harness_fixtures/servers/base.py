@@ -178,13 +178,17 @@ def fetch_version(base_url: str, headers: dict[str, str] | None = None) -> str |
     return None
 
 
-def args_to_argv(args: dict[str, Any] | list[str]) -> list[str]:
-    """YAML args → argv: {key: value} → --key value; true → --key; false/None → omitted."""
+def args_to_argv(args: dict[str, Any] | list[str], underscores: bool = False) -> list[str]:
+    """YAML args → argv: {key: value} → --key value; true → --key; false/None → omitted.
+
+    Keys are written as given; ``tensor_parallel_size`` becomes ``--tensor-parallel-size`` unless
+    the engine spells its flags with underscores (trtllm-serve: ``--tp_size``).
+    """
     if isinstance(args, list):
         return [str(a) for a in args]
     argv: list[str] = []
     for key, value in args.items():
-        flag = key if key.startswith("-") else "--" + key.replace("_", "-")
+        flag = key if key.startswith("-") else "--" + (key if underscores else key.replace("_", "-"))
         if value is True:
             argv.append(flag)
         elif value is False or value is None:

