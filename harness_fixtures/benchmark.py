@@ -235,6 +235,7 @@ def build_result(
         duration_s=round(duration_s, 3),
         engine_alive=engine_alive,
         client=client_summary(requests),
+        consistency=client.get("consistency", {}),
         paths={
             "test_dir": str(test_dir),
             "mlperf": str(test_dir / "mlperf"),

@@ -94,6 +94,9 @@ class GenerationSpec(_Strict):
         "as the MLCommons Llama reference does.",
     )
     extra_body: dict[str, Any] = Field(default_factory=dict, description="Extra request fields.")
+    eos_token_ids: list[int] = Field(
+        default_factory=list, description="EOS ids, for the at-most-one-EOS output check (TEST06)."
+    )
 
 
 class Thresholds(_Strict):
@@ -103,6 +106,27 @@ class Thresholds(_Strict):
     min_samples_per_s: float | None = Field(None, description="Minimum completed samples/s.")
     max_ttft_p99_ms: float | None = Field(None, description="Maximum p99 time to first token (ms).")
     max_tpot_p99_ms: float | None = Field(None, description="Maximum p99 time per output token (ms).")
+    max_client_cpu_bound_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Maximum fraction of samples with the client process at ≥ 90 % of a core.",
+    )
+    max_regression_pct: float = Field(5.0, ge=0, description="Allowed regression vs --harness-baseline (%).")
+    max_regression_pct_per_metric: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-metric overrides of max_regression_pct, e.g. {ttft_p99_ms: 10}.",
+    )
+
+
+class AccuracySpec(_Strict):
+    scenario: Scenario = Field("Offline", description="LoadGen scenario of the AccuracyOnly run.")
+    target: str | dict[str, float] = Field(
+        description="MLPerf target name (llama3_1-8b, llama3_1-8b-edge), a YAML file with rouge1, rouge2, "
+        "rougeL, rougeLsum, gen_len (relative to the case file), or those keys inline."
+    )
+    min_ratio: float = Field(0.99, gt=0, le=1.5, description="Each ROUGE must reach this fraction of target.")
+    gen_len_band: tuple[float, float] = Field((0.9, 1.1), description="gen_len must be within this band.")
 
 
 class BenchmarkCase(_Strict):
@@ -118,6 +142,9 @@ class BenchmarkCase(_Strict):
     user_conf: str | None = Field(None, description="user.conf for this case; default: the suite's.")
     tokenizer: str | None = Field(None, description="Tokenizer folder (accuracy decode); default: model.")
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    accuracy: AccuracySpec | None = Field(
+        None, description="Adds the test <name>_accuracy (LoadGen AccuracyOnly)."
+    )
     source: str = Field("", description="File this case came from (filled in by the loader).")
 
     @field_validator("name")
@@ -129,15 +156,17 @@ class BenchmarkCase(_Strict):
 
     @model_validator(mode="after")
     def _scenarios_have_names(self) -> BenchmarkCase:
-        missing = [s for s in self.scenarios if s not in self.loadgen_model]
+        wanted = [*self.scenarios, *([self.accuracy.scenario] if self.accuracy else [])]
+        missing = [s for s in wanted if s not in self.loadgen_model]
         if missing:
             raise ValueError(
                 f"scenarios {missing} have no loadgen_model entry; add e.g. `{missing[0]}: llama3_1-8b`"
             )
         return self
 
-    def test_id(self, scenario: str) -> str:
-        return f"{self.name}_{scenario.lower()}"
+    def test_id(self, scenario: str, mode: str = "performance") -> str:
+        # "<model>_accuracy" never contains "<model>_server": -k keeps selecting the performance run.
+        return f"{self.name}_accuracy" if mode == "accuracy" else f"{self.name}_{scenario.lower()}"
 
     @property
     def served_name(self) -> str:

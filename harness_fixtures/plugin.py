@@ -22,11 +22,26 @@ from typing import Any
 import pytest
 
 from . import hookspecs
-from .benchmark import RunOptions, build_result, failure_reasons, read_requests, run_benchmark
+from .accuracy_run import AccuracyRunError, score_run
+from .benchmark import RunOptions, build_result, read_requests, run_benchmark
 from .config import BenchmarkCase, ConfigError, load_cases
 from .dataset import DatasetError, load_dataset
 from .environment import capture as capture_environment
 from .environment import redact_argv
+from .gating import (
+    Baseline,
+    GateError,
+    Violation,
+    apply_overrides,
+    baseline_entry,
+    check_accuracy,
+    check_consistency,
+    check_thresholds,
+    compare_baseline,
+    hardware_of,
+    load_threshold_overrides,
+    save_baseline,
+)
 from .results import BenchmarkResult, write_yaml
 from .servers import LAUNCHERS, Endpoint, EngineError, LaunchContext
 from .telemetry import TestTelemetry
@@ -45,6 +60,11 @@ class HarnessState:
     user_conf: Path | None = None
     session_dir: Path | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
+    threshold_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: Baseline | None = None
+    baseline_path: Path | None = None
+    baseline_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
 
@@ -74,6 +94,17 @@ _OPTIONS: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("sample-count", {"type": int}, "Use only the first N dataset samples.", None),
     ("request-timeout-s", {"type": float}, "Per-request deadline (s).", "600"),
     ("test-timeout-s", {"type": float}, "Per-test deadline (s).", "7200"),
+    ("thresholds", {}, "YAML of threshold overrides: {case name or test id: {threshold: value}}.", None),
+    ("baseline", {}, "Compare against this baseline file (from --harness-save-baseline).", None),
+    ("save-baseline", {}, "Write this session's results as a baseline file.", None),
+    ("max-regression", {"type": float}, "Allowed regression vs the baseline, percent (per case: YAML).", "5"),
+    (
+        "mlflow-uri",
+        {},
+        "MLflow tracking URI for live logging (or $MLFLOW_TRACKING_URI); off when unset.",
+        None,
+    ),
+    ("mlflow-experiment", {}, "MLflow experiment for live logging.", "harness-fixtures"),
     (
         "skip-missing",
         {"action": "store_true"},
@@ -151,7 +182,22 @@ def pytest_configure(config: pytest.Config) -> None:
         except UserConfError as exc:
             raise pytest.UsageError(str(exc)) from None
         state.user_conf = user_conf
-    for name in ("target-qps", "request-timeout-s", "test-timeout-s"):
+    thresholds = _path_opt(config, "thresholds")
+    if thresholds is not None:
+        from .config import Thresholds
+
+        try:
+            state.threshold_overrides = load_threshold_overrides(thresholds, set(Thresholds.model_fields))
+        except GateError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    baseline = _path_opt(config, "baseline")
+    if baseline is not None:
+        try:
+            state.baseline = Baseline.load(baseline)
+        except GateError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        state.baseline_path = baseline
+    for name in ("target-qps", "request-timeout-s", "test-timeout-s", "max-regression"):
         v = _float_opt(config, name)
         if v is not None and v <= 0:
             raise pytest.UsageError(f"--harness-{name} must be > 0, got {v!r}")
@@ -160,6 +206,12 @@ def pytest_configure(config: pytest.Config) -> None:
         state.session_dir = Path(sd) if sd else None
     else:
         config.pluginmanager.register(HarnessReporter(config), "harness-reporter")
+        mlflow_uri = _opt(config, "mlflow-uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        if mlflow_uri:
+            from .mlflow_export import MlflowLivePlugin
+
+            experiment = _opt(config, "mlflow-experiment") or "harness-fixtures"
+            config.pluginmanager.register(MlflowLivePlugin(config, mlflow_uri, experiment), "harness-mlflow")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -203,13 +255,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             f"no benchmark cases: models folder {_path_opt(metafunc.config, 'models-dir')} not found; "
             "set --harness-models-dir or the harness_models_dir ini key"
         )
+    global_mode = _opt(metafunc.config, "mode") or "performance"
     params = []
     for case in state.cases:
-        for scenario in case.scenarios:
+        runs = [(scenario, global_mode) for scenario in case.scenarios]
+        if case.accuracy is not None:
+            runs.append((case.accuracy.scenario, "accuracy"))
+        for scenario, mode in runs:
             params.append(
                 pytest.param(
-                    (case, scenario),
-                    id=case.test_id(scenario),
+                    (case, scenario, mode),
+                    id=_test_id(case, scenario, mode, metafunc.config),
                     # keeps a model's tests on one xdist worker with --dist loadgroup (one engine)
                     marks=[pytest.mark.xdist_group(case.name), pytest.mark.harness_benchmark],
                 )
@@ -293,21 +349,31 @@ def _install_sigterm() -> Any:
         return signal.SIG_DFL
 
 
+def _test_id(case: BenchmarkCase, scenario: str, mode: str, config: pytest.Config) -> str:
+    """Accuracy tests of a case are ``<model>_accuracy``; ``--harness-mode accuracy`` keeps the ids."""
+    global_mode = _opt(config, "mode") or "performance"
+    return case.test_id(
+        scenario, "accuracy" if mode == "accuracy" and global_mode == "performance" else "performance"
+    )
+
+
 @pytest.fixture
-def harness_case(harness_case_scenario: tuple[BenchmarkCase, str]) -> BenchmarkCase:
+def harness_case(harness_case_scenario: tuple[BenchmarkCase, str, str]) -> BenchmarkCase:
     return harness_case_scenario[0]
 
 
 @pytest.fixture
-def harness_scenario(harness_case_scenario: tuple[BenchmarkCase, str]) -> str:
+def harness_scenario(harness_case_scenario: tuple[BenchmarkCase, str, str]) -> str:
     return harness_case_scenario[1]
 
 
 @pytest.fixture
-def harness_test_dir(pytestconfig: pytest.Config, harness_case_scenario: tuple[BenchmarkCase, str]) -> Path:
-    case, scenario = harness_case_scenario
+def harness_test_dir(
+    pytestconfig: pytest.Config, harness_case_scenario: tuple[BenchmarkCase, str, str]
+) -> Path:
+    case, scenario, mode = harness_case_scenario
     state = pytestconfig.stash[STATE]
-    d = _session_dir(pytestconfig, state) / case.test_id(scenario)
+    d = _session_dir(pytestconfig, state) / _test_id(case, scenario, mode, pytestconfig)
     d.mkdir(parents=True, exist_ok=False)  # a fresh session folder: an existing test dir is a bug
     return d
 
@@ -325,12 +391,14 @@ class HarnessBenchmark:
     """What a benchmark test calls: ``run()`` then ``check(result)``."""
 
     def __init__(
-        self, request: pytest.FixtureRequest, case: BenchmarkCase, scenario: str, test_dir: Path
+        self, request: pytest.FixtureRequest, case: BenchmarkCase, scenario: str, mode: str, test_dir: Path
     ) -> None:
         self.request = request
         self.config = request.config
         self.case = case
         self.scenario = scenario
+        self.mode = mode
+        self.test_id = _test_id(case, scenario, mode, request.config)
         self.test_dir = test_dir
         self.result: BenchmarkResult | None = None
 
@@ -349,7 +417,7 @@ class HarnessBenchmark:
             pytest.fail(str(exc), pytrace=False)
         return RunOptions(
             user_conf=user_conf,
-            mode=_opt(c, "mode") or "performance",
+            mode=self.mode,
             target_qps=_float_opt(c, "target-qps"),
             min_duration_ms=int(v) if (v := _opt(c, "min-duration-ms")) is not None else None,
             min_query_count=int(v) if (v := _opt(c, "min-query-count")) is not None else None,
@@ -376,7 +444,7 @@ class HarnessBenchmark:
         opts = self.options()
         dataset_path = case.resolve(case.dataset.path)
         try:
-            load_dataset(case.dataset, dataset_path)  # fail here, clearly, before LoadGen starts
+            dataset = load_dataset(case.dataset, dataset_path)  # fail here, clearly, before LoadGen starts
             dataset_error = None
         except DatasetError as exc:
             dataset_error = str(exc)
@@ -419,9 +487,50 @@ class HarnessBenchmark:
             raise
         telemetry.stop()
         self._attach_telemetry(result, telemetry)
-        self._emit(result, endpoint, started)
+        if self.mode == "accuracy" and result.status in ("VALID", "INVALID"):
+            try:
+                result.accuracy = score_run(case, self.test_dir, dataset)
+            except (AccuracyRunError, ValueError, OSError) as exc:
+                result.accuracy = {"error": str(exc)}
+        md = self._metadata(result, endpoint, started)
+        self._gate(result, md)
+        self._emit(result, endpoint, started, metadata=md)
         self.result = result
         return result
+
+    def _gate(self, result: BenchmarkResult, md: dict[str, Any]) -> None:
+        """Every check of this test → result.gate (one entry per violation)."""
+        state = self.config.stash[STATE]
+        t = apply_overrides(self.case.thresholds, state.threshold_overrides, self.case.name, self.test_id)
+        data = result.model_dump(mode="json")
+        violations = check_thresholds(data, t)
+        if self.mode == "performance" and result.status == "INVALID" and not t.require_valid:
+            violations = [v for v in violations if v.source != "validity"]
+        violations += check_consistency(result.consistency)
+        if self.mode == "accuracy":
+            acc = result.accuracy
+            if "error" in acc:
+                violations.append(
+                    Violation.make("accuracy", "not scored", "scored", "must_equal", "accuracy", acc["error"])
+                )
+            elif self.case.accuracy is not None and "target" in acc:
+                violations += check_accuracy(
+                    acc["scores"],
+                    acc["target"],
+                    self.case.accuracy.min_ratio,
+                    self.case.accuracy.gen_len_band,
+                )
+            # accuracy runs have no latency constraints to be VALID against
+            violations = [v for v in violations if v.metric != "validity"]
+        if state.baseline is not None:
+            cli_pct = self.config.getoption("harness_max_regression")
+            pct = float(cli_pct) if cli_pct is not None else t.max_regression_pct
+            bv, warnings, rows = compare_baseline(
+                self.test_id, data, md, state.baseline, pct, t.max_regression_pct_per_metric
+            )
+            violations += bv
+            result.baseline = {"path": str(state.baseline_path), "warnings": warnings, "rows": rows}
+        result.gate = [v.model_dump() for v in violations]
 
     def _attach_telemetry(self, result: BenchmarkResult, telemetry: TestTelemetry) -> None:
         requests = read_requests(self.test_dir / "requests.jsonl")
@@ -434,10 +543,10 @@ class HarnessBenchmark:
 
     def _error_result(self, reason: str) -> BenchmarkResult:
         return BenchmarkResult(
-            test_id=self.case.test_id(self.scenario),
+            test_id=self.test_id,
             model=self.case.name,
             scenario=self.scenario,
-            mode=_opt(self.config, "mode") or "performance",
+            mode=self.mode,
             loadgen_model=self.case.loadgen_model[self.scenario],  # type: ignore[index]
             status="ERROR",
             reason=reason,
@@ -480,15 +589,20 @@ class HarnessBenchmark:
                 "metadata": str(self.test_dir / "metadata.yaml"),
                 **result.paths,
             },
-            "mlflow": None,
+            "mlflow": _mlflow_settings(self.config),
         }
         self.config.hook.pytest_harness_update_metadata(config=self.config, case=self.case, metadata=md)
         return md
 
     def _emit(
-        self, result: BenchmarkResult, endpoint: Endpoint | None, started: float, write_now: bool = False
+        self,
+        result: BenchmarkResult,
+        endpoint: Endpoint | None,
+        started: float,
+        write_now: bool = False,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
-        md = self._metadata(result, endpoint, started)
+        md = metadata or self._metadata(result, endpoint, started)
         payload = json.dumps({"result": result.model_dump(mode="json"), "metadata": md})
         self.request.node.user_properties.append((RESULT_PROP, payload))
         if write_now and not hasattr(self.config, "workerinput"):
@@ -497,21 +611,24 @@ class HarnessBenchmark:
             write_yaml(self.test_dir / "metadata.yaml", md)
 
     def check(self, result: BenchmarkResult) -> None:
-        """Fail the test with one line per violated threshold."""
-        t = self.case.thresholds
-        reasons = failure_reasons(result, t.require_valid, t.max_failed_requests)
-        if reasons:
-            pytest.fail("\n".join(reasons), pytrace=False)
+        """Fail the test with one line per violation; an engine's log tail follows when it died."""
+        if not result.gate:
+            return
+        # One line per violation, the first one first: CI's one-line summaries show something useful.
+        lines = [v["message"] for v in result.gate]
+        if result.status in ("ERROR", "TIMEOUT") and result.reason and "\n" in result.reason:
+            lines.append(result.reason)
+        pytest.fail("\n".join(lines), pytrace=False)
 
 
 @pytest.fixture
 def harness_benchmark(
     request: pytest.FixtureRequest,
-    harness_case_scenario: tuple[BenchmarkCase, str],
+    harness_case_scenario: tuple[BenchmarkCase, str, str],
     harness_test_dir: Path,
 ) -> HarnessBenchmark:
-    case, scenario = harness_case_scenario
-    return HarnessBenchmark(request, case, scenario, harness_test_dir)
+    case, scenario, mode = harness_case_scenario
+    return HarnessBenchmark(request, case, scenario, mode, harness_test_dir)
 
 
 # -- reports (controller) ------------------------------------------------------------------------
@@ -555,9 +672,14 @@ class HarnessReporter:
         write_yaml(Path(out["result"]), result)
         write_yaml(Path(out["metadata"]), metadata)
         self.state.results.append({"nodeid": item_id, **result})
+        self.state.baseline_entries[result["test_id"]] = baseline_entry(result, metadata)
+        self.state.hardware = hardware_of(metadata)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         state = self.state
+        save = _path_opt(self.config, "save-baseline")
+        if save is not None and state.baseline_entries:
+            save_baseline(save, state.baseline_entries, state.hardware)
         if not state.results or state.session_dir is None:
             return
         write_yaml(
@@ -597,10 +719,43 @@ class HarnessReporter:
             )
             tr.write_line(line, bold=n == 0)
         for r in state.results:
-            if r["status"] != "VALID" and r.get("reason"):
-                tr.write_line(f"{r['test_id']}: {r['status']}: {r['reason'].splitlines()[0]}", red=True)
+            if r.get("gate"):
+                tr.write_line(f"{r['test_id']} FAILED:", red=True)
+                for v in r["gate"]:
+                    tr.write_line(f"  - {v['message']}", red=True)
+        rows_b = [row for r in state.results for row in (r.get("baseline") or {}).get("rows", [])]
+        if rows_b:
+            tr.write_line("")
+            tr.write_line(f"baseline comparison ({state.baseline_path}):", bold=True)
+            for row in rows_b:
+                flag = "REGRESSED" if row["regressed"] else "ok"
+                tr.write_line(
+                    f"  {row['test_id']:<28} {row['metric']:<16} {row['baseline']:>12.4g} -> "
+                    f"{row['current']:<12.4g} {row['change_pct']:+7.2f}%  "
+                    f"(allowed {row['allowed_regression_pct']}%)  {flag}",
+                    red=row["regressed"],
+                )
+            for r in state.results:
+                for w in (r.get("baseline") or {}).get("warnings", []):
+                    tr.write_line(f"  warning: {w}", yellow=True)
         if state.session_dir is not None:
             tr.write_line(f"session results: {state.session_dir / 'session.yaml'}")
+
+
+def _mlflow_settings(config: pytest.Config) -> dict[str, Any] | None:
+    """Where live logging went (or None); credentials in a URI are never kept."""
+    uri = _opt(config, "mlflow-uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return {
+        "tracking_uri": urlunsplit(parts),
+        "experiment_name": _opt(config, "mlflow-experiment") or "harness-fixtures",
+    }
 
 
 def _fmt(v: Any, spec: str = ".1f") -> str:

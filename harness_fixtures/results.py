@@ -89,6 +89,9 @@ class BenchmarkResult(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict, description="LoadGen effective settings.")
     client: dict[str, Any] = Field(default_factory=dict, description="Client-side timing summary.")
     telemetry: dict[str, Any] = Field(default_factory=dict)
+    accuracy: dict[str, Any] = Field(default_factory=dict, description="Scores, target and ratios.")
+    consistency: dict[str, Any] = Field(default_factory=dict, description="TEST06-style output checks.")
+    baseline: dict[str, Any] = Field(default_factory=dict, description="Comparison with --harness-baseline.")
     gate: list[dict[str, Any]] = Field(default_factory=list, description="Violated thresholds.")
     paths: dict[str, str] = Field(default_factory=dict)
 

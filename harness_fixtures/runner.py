@@ -143,10 +143,37 @@ def run(spec: RunSpec) -> int:
         ptr, _ = buf.buffer_info()
         lg.FirstTokenComplete([lg.QuerySampleResponse(rec.query_id, ptr, buf.itemsize)])
 
+    eos = set(gen.eos_token_ids)
+    consistency: dict[str, Any] = {
+        "checked": 0,
+        "first_token_mismatch": 0,
+        "multiple_eos": 0,
+        "n_tokens_mismatch": 0,
+        "examples": {},
+    }
+
+    def check(rec: RequestRecord, data: list[int]) -> None:
+        """MLPerf TEST06 in spirit: what LoadGen got for the first token and at the end must agree."""
+        consistency["checked"] += 1
+        problems = {
+            "first_token_mismatch": bool(data) and rec.first_token_id != data[0],
+            "multiple_eos": sum(1 for t in rec.token_ids if t in eos) > 1,
+            "n_tokens_mismatch": rec.n_tokens != len(data),
+        }
+        for key, bad in problems.items():
+            if bad:
+                consistency[key] += 1
+                consistency["examples"].setdefault(
+                    key,
+                    f"query {rec.query_id}: first={rec.first_token_id} data[:3]={data[:3]} "
+                    f"n_tokens={rec.n_tokens} len(data)={len(data)}",
+                )
+
     def on_complete(rec: RequestRecord) -> None:
         reqlog.write(rec)
         if rec.status == "ok":
             ids = rec.token_ids if gen.first_token_in_complete else rec.token_ids[1:]
+            check(rec, ids)
             buf = array.array("i", ids)
             ptr, n = buf.buffer_info()
             resp = lg.QuerySampleResponse(rec.query_id, ptr, n * buf.itemsize, rec.n_tokens)
@@ -224,6 +251,7 @@ def run(spec: RunSpec) -> int:
         "output_tokens": sum(r.n_tokens for r in ok),
         "first_error": client.first_error,
         "warmup": warmup,
+        "consistency": consistency,
         "samples": n_samples,
     }
     (out / "client.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,374 @@
+"""Pass/fail gates, direction-aware: thresholds, accuracy targets and baselines → violations.
+
+Pure functions over result dicts (``BenchmarkResult.model_dump()``); the plugin fails the test with
+one line per violation and writes the same list into ``result.yaml`` under ``gate:``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Direction = Literal["higher_is_better", "lower_is_better", "must_equal"]
+
+# Metrics a baseline compares, with the direction in which they get better.
+BASELINE_METRICS: dict[str, Direction] = {
+    "tokens_per_s": "higher_is_better",
+    "samples_per_s": "higher_is_better",
+    "ttft_p99_ms": "lower_is_better",
+    "tpot_p99_ms": "lower_is_better",
+    "ttft_p50_ms": "lower_is_better",
+    "tpot_p50_ms": "lower_is_better",
+    "rouge1": "higher_is_better",
+    "rouge2": "higher_is_better",
+    "rougeL": "higher_is_better",
+    "rougeLsum": "higher_is_better",
+}
+
+
+class GateError(ValueError):
+    """A thresholds or baseline file is unusable; the message names the file, key and fix."""
+
+
+class Violation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: str
+    observed: float | str | None
+    threshold: float | str | None
+    direction: Direction
+    source: str = Field(description="threshold | accuracy | baseline | validity | consistency | client")
+    message: str
+
+    @classmethod
+    def make(
+        cls, metric: str, observed: Any, threshold: Any, direction: Direction, source: str, note: str = ""
+    ) -> Violation:
+        op = {"higher_is_better": "<", "lower_is_better": ">", "must_equal": "!="}[direction]
+        word = {"higher_is_better": "min", "lower_is_better": "max", "must_equal": "required"}[direction]
+        how = direction.replace("_", " ")
+        msg = f"{metric} {_num(observed)} {op} {word} {_num(threshold)} ({how}, {source})"
+        return cls(
+            metric=metric,
+            observed=observed,
+            threshold=threshold,
+            direction=direction,
+            source=source,
+            message=msg + (f": {note}" if note else ""),
+        )
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def metric_values(result: dict[str, Any]) -> dict[str, float]:
+    """Flat numeric view of a result: the names thresholds and baselines use."""
+    out: dict[str, float] = {}
+    for key in ("tokens_per_s", "samples_per_s"):
+        if isinstance(result.get(key), (int, float)):
+            out[key] = float(result[key])
+    for group in ("ttft_ms", "tpot_ms", "latency_ms"):
+        for p in ("p50", "p90", "p99"):
+            v = (result.get(group) or {}).get(p)
+            if isinstance(v, (int, float)):
+                out[f"{group[:-3]}_{p}_ms"] = float(v)
+    out["failed_requests"] = float((result.get("queries") or {}).get("failed", 0))
+    frac = (result.get("telemetry") or {}).get("client_cpu_bound_fraction")
+    if isinstance(frac, (int, float)):
+        out["client_cpu_bound_fraction"] = float(frac)
+    for k, v in (result.get("accuracy") or {}).get("scores", {}).items():
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
+def check_thresholds(result: dict[str, Any], t: Any) -> list[Violation]:
+    """Absolute thresholds of a case (config.Thresholds)."""
+    m = metric_values(result)
+    out: list[Violation] = []
+    if t.require_valid and result.get("status") == "INVALID":
+        out.append(
+            Violation.make(
+                "validity",
+                "INVALID",
+                "VALID",
+                "must_equal",
+                "validity",
+                result.get("reason") or "LoadGen gave no reason",
+            )
+        )
+    if result.get("status") in ("ERROR", "TIMEOUT", "INTERRUPTED"):
+        out.append(
+            Violation.make(
+                "status",
+                result["status"],
+                "completed",
+                "must_equal",
+                "validity",
+                (result.get("reason") or "").splitlines()[0] if result.get("reason") else "",
+            )
+        )
+    failed = int(m.get("failed_requests", 0))
+    if failed > t.max_failed_requests:
+        q = result.get("queries") or {}
+        out.append(
+            Violation.make(
+                "failed_requests",
+                failed,
+                t.max_failed_requests,
+                "lower_is_better",
+                "threshold",
+                f"{failed} of {q.get('issued')} failed; first error: {q.get('first_error')}",
+            )
+        )
+    pairs: list[tuple[str, float | None, Direction]] = [
+        ("tokens_per_s", t.min_tokens_per_s, "higher_is_better"),
+        ("samples_per_s", t.min_samples_per_s, "higher_is_better"),
+        ("ttft_p99_ms", t.max_ttft_p99_ms, "lower_is_better"),
+        ("tpot_p99_ms", t.max_tpot_p99_ms, "lower_is_better"),
+        ("client_cpu_bound_fraction", t.max_client_cpu_bound_fraction, "lower_is_better"),
+    ]
+    for metric, limit, direction in pairs:
+        if limit is None:
+            continue
+        observed = m.get(metric)
+        if observed is None:
+            if result.get("status") in ("VALID", "INVALID") and metric != "client_cpu_bound_fraction":
+                out.append(Violation.make(metric, None, limit, direction, "threshold", "not measured"))
+            continue
+        if _worse(observed, limit, direction):
+            out.append(Violation.make(metric, observed, limit, direction, "threshold"))
+    return out
+
+
+def _worse(observed: float, limit: float, direction: Direction) -> bool:
+    return observed < limit if direction == "higher_is_better" else observed > limit
+
+
+def check_accuracy(
+    scores: dict[str, Any], target: dict[str, Any], min_ratio: float, gen_len_band: tuple[float, float]
+) -> list[Violation]:
+    """MLPerf rule: each ROUGE ≥ min_ratio × target; gen_len within the band around the target."""
+    out: list[Violation] = []
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        if key not in target:
+            continue
+        need = round(float(target[key]) * min_ratio, 4)
+        got = scores.get(key)
+        if got is None or float(got) < need:
+            out.append(
+                Violation.make(
+                    key, got, need, "higher_is_better", "accuracy", f"{min_ratio:.0%} of target {target[key]}"
+                )
+            )
+    if target.get("gen_len"):
+        lo, hi = (float(target["gen_len"]) * f for f in gen_len_band)
+        got = scores.get("gen_len")
+        if got is None or float(got) < lo:
+            out.append(
+                Violation.make(
+                    "gen_len",
+                    got,
+                    round(lo),
+                    "higher_is_better",
+                    "accuracy",
+                    f"{gen_len_band[0]:.0%} of target {target['gen_len']}",
+                )
+            )
+        elif float(got) > hi:
+            out.append(
+                Violation.make(
+                    "gen_len",
+                    got,
+                    round(hi),
+                    "lower_is_better",
+                    "accuracy",
+                    f"{gen_len_band[1]:.0%} of target {target['gen_len']}",
+                )
+            )
+    return out
+
+
+def check_consistency(consistency: dict[str, Any]) -> list[Violation]:
+    """MLPerf compliance TEST06 in spirit, on every request of every run."""
+    out = []
+    for key, what in (
+        ("first_token_mismatch", "first token reported to LoadGen != first token of the final response"),
+        ("multiple_eos", "response with more than one EOS token"),
+        ("n_tokens_mismatch", "n_tokens != number of tokens in the response data"),
+    ):
+        n = int(consistency.get(key, 0) or 0)
+        if n:
+            ex = (consistency.get("examples") or {}).get(key)
+            out.append(
+                Violation.make(
+                    key, n, 0, "lower_is_better", "consistency", f"{what}" + (f"; e.g. {ex}" if ex else "")
+                )
+            )
+    return out
+
+
+# -- thresholds file --------------------------------------------------------------------------
+def load_threshold_overrides(path: Path, known_fields: set[str]) -> dict[str, dict[str, Any]]:
+    """``--harness-thresholds FILE``: {case name or test id: {threshold: value}}; validated keys."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise GateError(f"thresholds file {str(path)!r}: cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise GateError(
+            f"thresholds file {str(path)!r}: expected a mapping of case name or test id to thresholds"
+        )
+    for name, values in data.items():
+        if not isinstance(values, dict):
+            raise GateError(f"{path}: {name}: expected a mapping of threshold names to values")
+        unknown = set(values) - known_fields
+        if unknown:
+            raise GateError(
+                f"{path}: {name}: unknown threshold(s) {sorted(unknown)}; known: {sorted(known_fields)}"
+            )
+    return data
+
+
+def apply_overrides(base: Any, overrides: dict[str, dict[str, Any]], case_name: str, test_id: str) -> Any:
+    """Case-level entries first, then the test id's (more specific wins); validated by the model."""
+    merged = base.model_dump()
+    for key in (case_name, test_id):
+        merged.update(overrides.get(key, {}))
+    try:
+        return type(base).model_validate(merged)
+    except ValidationError as exc:
+        raise GateError(
+            f"thresholds for {test_id}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        ) from None
+
+
+# -- baselines --------------------------------------------------------------------------------
+class Baseline(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = 1
+    created_utc: str
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = Field(
+        description="test id → {metrics: {...}, engine_version, settings_digest}"
+    )
+
+    @classmethod
+    def load(cls, path: Path) -> Baseline:
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()))
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            raise GateError(
+                f"baseline {str(path)!r} is unusable: {exc}; re-create it with --harness-save-baseline"
+            ) from None
+
+
+def _stable_args(argv: list[str]) -> list[str]:
+    """Engine args that define the configuration: without the executable and the per-run port."""
+    out: list[str] = []
+    skip = False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--port", "--host"):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+def baseline_entry(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    engine = metadata.get("engine") or {}
+    return {
+        "metrics": {k: v for k, v in metric_values(result).items() if k in BASELINE_METRICS},
+        "status": result.get("status"),
+        "engine_version": engine.get("version"),
+        "engine_args": _stable_args(engine.get("argv") or []),
+        "settings": {
+            k: (result.get("settings") or {}).get(k)
+            for k in ("target_qps", "min_duration_ms", "min_query_count", "scenario")
+        },
+    }
+
+
+def hardware_of(metadata: dict[str, Any]) -> dict[str, Any]:
+    env = metadata.get("environment") or {}
+    return {
+        "cpu": (env.get("cpu") or {}).get("model"),
+        "gpus": [g.get("name") for g in env.get("gpus") or []],
+    }
+
+
+def save_baseline(path: Path, entries: dict[str, dict[str, Any]], hardware: dict[str, Any]) -> None:
+    b = Baseline(created_utc=dt.datetime.now(dt.timezone.utc).isoformat(), hardware=hardware, results=entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(b.model_dump(), sort_keys=False))
+
+
+def compare_baseline(
+    test_id: str,
+    result: dict[str, Any],
+    metadata: dict[str, Any],
+    baseline: Baseline,
+    max_regression_pct: float,
+    per_metric_pct: dict[str, float],
+) -> tuple[list[Violation], list[str], list[dict[str, Any]]]:
+    """(violations, warnings, comparison rows) for one test against a stored baseline."""
+    entry = baseline.results.get(test_id)
+    if entry is None:
+        return [], [f"{test_id}: not in the baseline (saved {baseline.created_utc})"], []
+    warnings: list[str] = []
+    now = baseline_entry(result, metadata)
+    if hardware_of(metadata) != baseline.hardware:
+        warnings.append(
+            f"{test_id}: baseline hardware {baseline.hardware} differs from {hardware_of(metadata)}"
+        )
+    if now["engine_version"] != entry.get("engine_version"):
+        warnings.append(
+            f"{test_id}: engine version {now['engine_version']} vs baseline {entry.get('engine_version')}"
+        )
+    if now["settings"] != entry.get("settings") or now["engine_args"] != entry.get("engine_args"):
+        warnings.append(f"{test_id}: LoadGen settings or engine args differ from the baseline's")
+    violations: list[Violation] = []
+    rows: list[dict[str, Any]] = []
+    for metric, base in (entry.get("metrics") or {}).items():
+        direction = BASELINE_METRICS.get(metric)
+        cur = now["metrics"].get(metric)
+        if direction is None or cur is None or not base:
+            continue
+        change_pct = (cur - base) / abs(base) * 100
+        regression = -change_pct if direction == "higher_is_better" else change_pct
+        allowed = per_metric_pct.get(metric, max_regression_pct)
+        rows.append(
+            {
+                "test_id": test_id,
+                "metric": metric,
+                "baseline": base,
+                "current": cur,
+                "change_pct": round(change_pct, 2),
+                "allowed_regression_pct": allowed,
+                "regressed": regression > allowed,
+            }
+        )
+        if regression > allowed:
+            limit = (
+                base * (1 - allowed / 100) if direction == "higher_is_better" else base * (1 + allowed / 100)
+            )
+            violations.append(
+                Violation.make(
+                    metric,
+                    round(cur, 4),
+                    round(limit, 4),
+                    direction,
+                    "baseline",
+                    f"{regression:.1f}% worse than baseline {base:.4g} (allowed {allowed}%)",
+                )
+            )
+    return violations, warnings, rows
