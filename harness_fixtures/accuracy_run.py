@@ -49,8 +49,8 @@ def resolve_target(case: BenchmarkCase) -> dict[str, float]:
             f"accuracy target {target!r} of {case.name} is neither an MLPerf name "
             f"({sorted(MLPERF_TARGETS)}) nor an existing file ({path})"
         )
-    data = yaml.safe_load(path.read_text()) or {}
-    scores = data.get("scores", data)
+    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    scores: dict[str, Any] = data.get("scores") or data
     return {
         k: float(scores[k]) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len") if k in scores
     }

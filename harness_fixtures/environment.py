@@ -34,12 +34,20 @@ ENV_ALLOWLIST = re.compile(
 )
 SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 REDACTED = "***"
+URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def scrub_url_credentials(text: str) -> str:
+    """``http://user:pass@host`` → ``http://***@host``: credentials never reach a written file."""
+    return URL_USERINFO.sub(rf"\1{REDACTED}@", text)
 
 
 def redact_env(env: dict[str, str]) -> dict[str, str]:
     """Allowlisted variables only; any whose name looks secret is redacted."""
     return {
-        k: (REDACTED if SECRET.search(k) else v) for k, v in sorted(env.items()) if ENV_ALLOWLIST.match(k)
+        k: (REDACTED if SECRET.search(k) else scrub_url_credentials(v))
+        for k, v in sorted(env.items())
+        if ENV_ALLOWLIST.match(k)
     }
 
 
@@ -54,7 +62,7 @@ def redact_argv(argv: list[str], secrets: list[str]) -> list[str]:
             continue
         if SECRET.search(a) and a.startswith("--") and "=" not in a:
             hide_next = True
-        out.append(REDACTED if any(s and s in a for s in secrets) else a)
+        out.append(REDACTED if any(s and s in a for s in secrets) else scrub_url_credentials(a))
     return out
 
 

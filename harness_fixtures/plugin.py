@@ -27,7 +27,7 @@ from .benchmark import RunOptions, build_result, read_requests, run_benchmark
 from .config import BenchmarkCase, ConfigError, load_cases
 from .dataset import DatasetError, load_dataset
 from .environment import capture as capture_environment
-from .environment import redact_argv
+from .environment import redact_argv, scrub_url_credentials
 from .gating import (
     Baseline,
     GateError,
@@ -274,6 +274,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 # -- engines -------------------------------------------------------------------------------------
+MAX_ENGINE_STARTS = 2  # per model and session: one restart after a death, then give up
+
+
 class EngineManager:
     """At most one engine at a time: started on first use, reused by all of that model's tests,
     stopped before the next model's engine starts and at session end (also on Ctrl-C/SIGTERM)."""
@@ -286,7 +289,21 @@ class EngineManager:
 
     def get(self, case: BenchmarkCase, run_dir: Path) -> Endpoint:
         if self.current and self.current[0] == case.name:
-            return self.current[1]
+            endpoint = self.current[1]
+            if endpoint.alive():
+                return endpoint
+            # It died during an earlier test (which failed saying so). Start it once more so the
+            # model's remaining tests can run; a second death ends this model's tests for the session.
+            if self.starts.get(case.name, 0) >= MAX_ENGINE_STARTS:
+                self.failed[case.name] = (
+                    f"engine for {case.name!r} is not running (exit code {endpoint.exit_code()}): it died "
+                    f"{self.starts[case.name]} times this session and is not restarted again; last log "
+                    f"lines ({endpoint.log_path}):\n{endpoint.log_tail()}"
+                )
+            else:
+                log.warning(
+                    "engine for %s died (exit code %s); starting a new one", case.name, endpoint.exit_code()
+                )
         self.stop()
         if case.name in self.failed:
             pytest.fail(self.failed[case.name], pytrace=False)
@@ -314,6 +331,7 @@ class EngineManager:
             self.failed[case.name] = f"engine for {case.name!r} failed to start: {exc}"
             pytest.fail(self.failed[case.name], pytrace=False)
         endpoint.info["stop_timeout_s"] = case.engine.stop_timeout_s
+        endpoint.info["start_number"] = self.starts[case.name]  # 1 = first start of this model
         self.current = (case.name, endpoint, launcher)
         return endpoint  # type: ignore[no-any-return]
 
@@ -454,7 +472,12 @@ class HarnessBenchmark:
                 pytest.skip(dataset_error)
             self._emit(self._error_result(dataset_error), None, started)
             pytest.fail(dataset_error, pytrace=False)
-        endpoint: Endpoint = self.request.getfixturevalue("harness_engine")
+        try:
+            endpoint: Endpoint = self.request.getfixturevalue("harness_engine")
+        except pytest.fail.Exception as exc:
+            # The engine did not start (or died earlier): still a result, like any other failed test.
+            self._emit(self._error_result(str(exc.msg)), None, started)
+            raise
         log.info("running %s against %s (%s)", case.test_id(scenario), endpoint.base_url, endpoint.kind)
         telemetry = TestTelemetry(endpoint.base_url, endpoint.headers)
         t0_ns = time.monotonic_ns()
@@ -574,6 +597,7 @@ class HarnessBenchmark:
                 "log": str(endpoint.log_path) if endpoint.log_path else None,
                 "pid": endpoint.pid,
                 "start_s": endpoint.info.get("start_s"),
+                "start_number": endpoint.info.get("start_number"),
             },
             "run_options": {
                 k: str(v) if isinstance(v, Path) else v for k, v in self.options().__dict__.items()
@@ -747,13 +771,8 @@ def _mlflow_settings(config: pytest.Config) -> dict[str, Any] | None:
     uri = _opt(config, "mlflow-uri") or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
     return {
-        "tracking_uri": urlunsplit(parts),
+        "tracking_uri": scrub_url_credentials(uri),
         "experiment_name": _opt(config, "mlflow-experiment") or "harness-fixtures",
     }
 
