@@ -125,10 +125,8 @@ class StreamingClient:
         if self._loop is None or self._thread is None:
             return
         fut = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
-        try:
+        with contextlib.suppress(Exception):  # closing must never mask the run's result
             fut.result(timeout_s)
-        except Exception:
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout_s)
 

@@ -50,6 +50,7 @@ class RunSpec(BaseModel):
     request_timeout_s: float = 600.0
     max_connections: int = 1024
     warmup: bool = True
+    client_workers: int | None = None  # None: auto (fanout.auto_workers); 1: the in-process client
     t0_monotonic_ns: int | None = None  # the test's t0, shared with the parent's collectors
 
 
@@ -181,6 +182,10 @@ def run(spec: RunSpec) -> int:
             # A failed request completes with zero tokens so LoadGen can finish; it is counted as failed.
             buf = array.array("i")
             resp = lg.QuerySampleResponse(rec.query_id, 0, 0, 0)
+            if not rec.first_token_ns:
+                # With token latencies on, a sample completed without a first token turns LoadGen's
+                # TTFT statistics into garbage (mean ~1e17 ns): report an empty first response first.
+                lg.FirstTokenComplete([lg.QuerySampleResponse(rec.query_id, 0, 0)])
         lg.QuerySamplesComplete([resp])
         keep.pop(rec.query_id, None)
         del buf
@@ -232,9 +237,9 @@ def run(spec: RunSpec) -> int:
     log_settings = lg.LogSettings()
     log_settings.log_output = log_out
     log_settings.enable_trace = False
-    start_ns = time.monotonic_ns()
+    start_ns, start_cpu = time.monotonic_ns(), time.process_time()
     lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
-    end_ns = time.monotonic_ns()
+    end_ns, cpu_s = time.monotonic_ns(), time.process_time() - start_cpu
     lg.DestroyQSL(qsl)
     lg.DestroySUT(sut)
     client.stop()
@@ -253,6 +258,9 @@ def run(spec: RunSpec) -> int:
         "warmup": warmup,
         "consistency": consistency,
         "samples": n_samples,
+        # This process's CPU (all its threads: LoadGen, client loop) over the LoadGen run, % of one core.
+        "cpu_s": round(cpu_s, 3),
+        "cpu_pct": round(100 * cpu_s / max((end_ns - start_ns) / 1e9, 1e-9), 1),
     }
     (out / "client.json").write_text(json.dumps(summary, indent=1))
     return 0

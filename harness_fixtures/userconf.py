@@ -51,6 +51,13 @@ KNOWN_KEYS: frozenset[str] = frozenset(
     }
 )
 KNOWN_SCENARIOS: frozenset[str] = frozenset({"*", "SingleStream", "MultiStream", "Server", "Offline"})
+# Keys LoadGen reads with strtod; every other key is read with strtoull(value, 0), which silently
+# truncates "1e3" to 1, wraps "-5" to 2**64 - 5 and reads "010" as octal 8.
+DOUBLE_KEYS: frozenset[str] = frozenset(
+    {"target_qps", "target_latency_percentile", "accuracy_log_probability"}
+)
+_INTEGER = re.compile(r"^\+?(0|[1-9]\d*|0[xX][0-9a-fA-F]+)$")
+_DOUBLE = re.compile(r"^\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _NUMBER = re.compile(r"^[+-]?(0[xX][0-9a-fA-F]+|\d+(\.\d*)?([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?)$")
 
 
@@ -76,14 +83,29 @@ def parse_user_conf(path: Path) -> list[ConfEntry]:
     entries: list[ConfEntry] = []
     errors: list[str] = []
     for n, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+        if not raw.strip() or raw.lstrip().startswith("#"):
             continue
+        line, hash_sign, comment = raw.partition("#")
+        line = line.strip()
         where = f"{path}:{n}"
         if "=" not in line:
             errors.append(f"{where}: expected 'model.scenario.key = value', got {raw.strip()!r}")
             continue
-        lhs, rhs = (s.strip() for s in line.split("=", 1))
+        # LoadGen's parser splits on whitespace and wants exactly: key, "=", value. It ignores
+        # "key=value" silently and rejects the whole file for a comment after the value.
+        words = line.split()
+        if len(words) != 3 or words[1] != "=":
+            errors.append(
+                f"{where}: write 'model.scenario.key = value' with spaces around '=' and one value, "
+                f"got {line!r} (LoadGen would ignore or reject this line)"
+            )
+            continue
+        if hash_sign:
+            errors.append(
+                f"{where}: LoadGen rejects a comment after the value; put '#{comment}' on its own line"
+            )
+            continue
+        lhs, rhs = words[0], words[2]
         parts = lhs.split(".")
         if len(parts) < 3:
             errors.append(f"{where}: key {lhs!r} needs three dot-separated parts: model.scenario.key")
@@ -102,6 +124,15 @@ def parse_user_conf(path: Path) -> list[ConfEntry]:
             continue
         if not _NUMBER.match(rhs):
             errors.append(f"{where}: value {rhs!r} of {key} must be an integer or a number")
+            continue
+        if key in DOUBLE_KEYS and not (_DOUBLE.match(rhs) or _INTEGER.match(rhs)):
+            errors.append(f"{where}: value {rhs!r} of {key} must be a number >= 0")
+            continue
+        if key not in DOUBLE_KEYS and not _INTEGER.match(rhs):
+            errors.append(
+                f"{where}: value {rhs!r} of {key} must be a whole number >= 0 without leading zeros "
+                "(LoadGen reads it with strtoull: '1e3' would be 1, '-5' a huge number, '010' octal 8)"
+            )
             continue
         entries.append(ConfEntry(model, scenario, key, rhs, n))
     if errors:
