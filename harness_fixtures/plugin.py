@@ -274,6 +274,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 # -- engines -------------------------------------------------------------------------------------
+def _progress(config: pytest.Config, message: str) -> None:
+    """A line on the terminal now, even while pytest captures output (engine starts take minutes)."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if tr is None or hasattr(config, "workerinput"):
+        log.info(message)
+        return
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            tr.write_line(message)
+    else:
+        tr.write_line(message)
+
+
 MAX_ENGINE_STARTS = 2  # per model and session: one restart after a death, then give up
 
 
@@ -325,8 +339,17 @@ class EngineManager:
             server_url=server_url,
         )
         self.starts[case.name] = self.starts.get(case.name, 0) + 1
+        _progress(
+            self.config,
+            f"[harness] starting {kind} engine for {case.name} (log: {run_dir / 'engine.log'}) ...",
+        )
         try:
             endpoint = launcher.start(ctx)
+            _progress(
+                self.config,
+                f"[harness] {case.name}: engine ready at {endpoint.base_url} "
+                f"after {endpoint.info.get('start_s', 0):.0f} s (version {endpoint.version})",
+            )
         except EngineError as exc:
             self.failed[case.name] = f"engine for {case.name!r} failed to start: {exc}"
             pytest.fail(self.failed[case.name], pytrace=False)
