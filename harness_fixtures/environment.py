@@ -99,8 +99,31 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpus() -> tuple[list[dict[str, Any]], str]:
+    """(per-GPU facts from NVML, "ok" or "unavailable (<why>)"); never raises."""
+    from .metrics.nvml import NvmlCollector
+
+    nv = NvmlCollector()
+    try:
+        reason = nv.probe()
+        if reason is not None:
+            return [], f"unavailable ({reason})"
+        info = nv.gpu_info()
+    except Exception as exc:  # noqa: BLE001 - metadata capture must never fail a run
+        return [], f"unavailable ({type(exc).__name__}: {exc})"
+    return info, "ok" if info else "unavailable (NVML reports no GPU)"
+
+
+_GPUS: tuple[list[dict[str, Any]], str] | None = None
+
+
 def capture(root: Path) -> dict[str, Any]:
+    global _GPUS
+    if _GPUS is None:  # static facts: ask NVML once per process
+        _GPUS = gpus()
     return {
+        "gpus": _GPUS[0],
+        "gpu": _GPUS[1],
         "os": f"{platform.system()} {platform.release()}",
         "hostname": platform.node(),
         "cpu": {

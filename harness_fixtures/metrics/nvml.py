@@ -71,6 +71,15 @@ class NvmlCollector(BaseCollector):
         self._nvml = pynvml
         return None
 
+    def probe(self) -> str | None:
+        """Why NVML is unusable here (e.g. no driver), or None when it works. Leaves it shut down."""
+        if self._nvml is not None:
+            return None
+        reason = self._init_nvml()
+        if reason is None:
+            self._shutdown()
+        return reason
+
     def _setup(self) -> str | None:
         reason = self._init_nvml()
         if reason is not None:
