@@ -173,3 +173,20 @@ def metrics_from_mllog(values: dict[str, Any]) -> dict[str, Any]:
         ),
         "settings": {k[len("effective_") :]: v for k, v in values.items() if k.startswith("effective_")},
     }
+
+
+def latency_limits(values: dict[str, Any]) -> tuple[dict[str, float] | None, float | None]:
+    """LoadGen's TTFT/TPOT limits in ms (``{"ttft": ..., "tpot": ...}``) and the percentile (0.99)
+    they are checked at; ``(None, None)`` unless the run was Server with token latencies.
+
+    :param values: MLLOG values from `parse_mllog`.
+    """
+    if values.get("effective_scenario") != "Server" or values.get("requested_use_token_latencies") is False:
+        return None, None
+    limits: dict[str, float] = {}
+    for name in ("ttft", "tpot"):
+        ns = values.get(f"requested_server_{name}_latency")
+        if isinstance(ns, (int, float)) and ns > 0:
+            limits[name] = ns / 1e6  # unrounded: a 1 ns limit stays above zero
+    pct = values.get("effective_target_latency_percentile")
+    return (limits or None), (float(pct) if isinstance(pct, (int, float)) and 0 < pct < 1 else None)

@@ -36,8 +36,19 @@ class TestTelemetry:
         if self.set is not None:
             self.set.stop()
 
-    def finish(self, test_dir: Path, requests: list[dict[str, Any]], output_tokens: int) -> dict[str, Any]:
-        """Write timeline.csv and plots; return the ``telemetry:`` section of result.yaml."""
+    def finish(
+        self,
+        test_dir: Path,
+        requests: list[dict[str, Any]],
+        output_tokens: int,
+        limits_ms: dict[str, float] | None = None,
+        target_percentile: float | None = None,
+    ) -> dict[str, Any]:
+        """Write timeline.csv and plots; return the ``telemetry:`` section of result.yaml.
+
+        :param limits_ms: the scenario's TTFT/TPOT limits for the latency CDF figure (see
+            `harness_fixtures.results.latency_limits`); ``target_percentile`` is where they apply.
+        """
         if self.set is None:
             return {"status": "not started"}
         out: dict[str, Any] = {"collectors": self.set.statuses()}
@@ -60,7 +71,9 @@ class TestTelemetry:
         try:
             from .metrics.plots import write_plots
 
-            out["plots"] = [str(p) for p in write_plots(test_dir / "plots", self.set.samples(), requests)]
+            samples = self.set.samples()
+            paths = write_plots(test_dir / "plots", samples, requests, limits_ms, target_percentile)
+            out["plots"] = [str(p) for p in paths]
         except Exception as exc:
             log.warning("plots failed: %s", traceback.format_exc(limit=3))
             out["plots_error"] = f"{type(exc).__name__}: {exc}"

@@ -547,7 +547,7 @@ def test_plots_written_against_time(tmp_path: Path) -> None:
 
     samples, requests = _synthetic_run()
     figs = build_figures(samples, requests)
-    assert set(figs) == {"client", "engine", "host", "gpu"}
+    assert set(figs) == {"client", "latency_cdf", "engine", "host", "gpu"}
     throughput, ttft, tpot = figs["client"].axes[:3]
     assert throughput.lines and ttft.lines and tpot.lines  # rolling p50/p99 lines were drawn
     # x is time, not sample number: the engine lines span the run's 14.5 s.
@@ -555,7 +555,13 @@ def test_plots_written_against_time(tmp_path: Path) -> None:
     assert xs[0] == 0.0 and xs[-1] == 14.5
 
     paths = write_plots(tmp_path, samples, requests)
-    assert sorted(p.name for p in paths) == ["client.png", "engine.png", "gpu.png", "host.png"]
+    assert sorted(p.name for p in paths) == [
+        "client.png",
+        "engine.png",
+        "gpu.png",
+        "host.png",
+        "latency_cdf.png",
+    ]
     for p in paths:
         assert p.stat().st_size > 20_000, p
         assert _png_size(p) == (1200, 800)
@@ -567,6 +573,133 @@ def test_plots_skip_absent_data(tmp_path: Path) -> None:
     assert write_plots(tmp_path, [], []) == []
     only_host = [Sample(float(t), "host", "cpu_pct", 10.0) for t in range(5)]
     assert [p.name for p in write_plots(tmp_path, only_host, [])] == ["host.png"]
+
+
+def test_latency_cdf_marks_p99_and_the_limits(tmp_path: Path) -> None:
+    import numpy as np
+    from matplotlib.axes import Axes
+
+    from harness_fixtures.metrics.plots import build_figures, write_plots
+
+    _, requests = _synthetic_run()
+    fig = build_figures([], requests, {"ttft": 105.0, "tpot": 50.0}, 0.99)["latency_cdf"]
+    ax_ttft, ax_tpot = fig.axes
+    # Synthetic TTFTs are 50..140 ms (from the issue time), TPOT 500/31 ms; failed requests left out.
+    ok = [r for r in requests if r["status"] == "ok"]
+    (cdf,) = [ln for ln in ax_ttft.lines if str(ln.get_label()).startswith("TTFT per request")]
+    xs = np.asarray(cdf.get_xdata())
+    assert len(xs) == len(ok) and xs.max() == pytest.approx(140.0)
+
+    def xs_of(ax: Axes, prefix: str) -> list[float]:
+        lines = [ln for ln in ax.get_lines() if str(ln.get_label()).startswith(prefix)]
+        return [float(np.asarray(ln.get_xdata())[0]) for ln in lines]
+
+    assert xs_of(ax_ttft, "LoadGen limit") == [105.0] and xs_of(ax_tpot, "LoadGen limit") == [50.0]
+    assert xs_of(ax_ttft, "p99 =") == [pytest.approx(140.0)]
+    labels = ax_ttft.get_legend_handles_labels()[1]
+    # TTFTs of 110..140 ms: 80 of the 196 successful requests are over the 105 ms limit.
+    assert "LoadGen limit = 105 ms\n(40.82 % of requests above)" in labels
+    assert "limit applies at p99" in labels
+    assert ax_ttft.get_xscale() == "linear" and ax_ttft.get_yscale() == "logit"
+
+    # No limits (Offline): the CDFs and the p99 marks, no limit lines.
+    fig = build_figures([], requests)["latency_cdf"]
+    assert not any("limit" in lab for ax in fig.axes for lab in ax.get_legend_handles_labels()[1])
+    assert xs_of(fig.axes[1], "p99 =") == [pytest.approx(500 / 31)]
+
+    (path,) = [
+        p for p in write_plots(tmp_path, [], requests, {"ttft": 2000.0}, 0.9) if p.stem == "latency_cdf"
+    ]
+    assert path.stat().st_size > 20_000 and _png_size(path) == (1200, 800)
+
+
+def test_latency_cdf_skipped_without_latencies() -> None:
+    from harness_fixtures.metrics.plots import build_figures
+
+    failed = [{"issued_s": 0.0, "done_s": 1.0, "status": "error"}]
+    no_first_token = [{"issued_s": 0.0, "done_s": 1.0, "n_tokens": 3, "status": "ok"}]
+    assert "latency_cdf" not in build_figures([], failed)
+    assert "latency_cdf" not in build_figures([], no_first_token, {"ttft": 1.0})
+    one = [{"issued_s": 0.0, "first_token_s": 0.1, "done_s": 0.2, "n_tokens": 1, "status": "ok"}]
+    # A single TTFT and no TPOT (one token): the TPOT panel says so.
+    fig = build_figures([], one, {"ttft": 500.0, "tpot": 50.0}, 0.99)["latency_cdf"]
+    assert "TPOT: not reported" in [t.get_text() for t in fig.axes[1].texts]
+
+
+def _session_results() -> list[dict[str, object]]:
+    def result(test_id: str, status: str, tok: float | None, ttft: float | None) -> dict[str, object]:
+        return {
+            "test_id": test_id,
+            "status": status,
+            "tokens_per_s": tok,
+            "samples_per_s": None if tok is None else tok / 32,
+            "ttft_ms": {"p50": None if ttft is None else ttft / 2, "p99": ttft},
+            "tpot_ms": {"p50": None if ttft is None else 5.0, "p99": None if ttft is None else 9.0},
+            "queries": {"failed": 0},
+        }
+
+    return [
+        result("sim_offline", "VALID", 9000.0, None),  # Offline: LoadGen reports no TTFT
+        result("sim_server", "VALID", 3000.0, 60.0),
+        result("big_server", "INVALID", 800.0, 2400.0),
+        result("broken_server", "ERROR", None, None),
+        {"test_id": "partial", "status": "INTERRUPTED", "ttft_ms": None},  # keys missing entirely
+    ]
+
+
+def test_session_summary_for_mixed_results(tmp_path: Path) -> None:
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
+
+    from harness_fixtures.metrics.plots import STATUS_COLORS, _summary_figure, write_session_summary
+
+    results = _session_results()
+    fig = _summary_figure(results)
+    ax_tok, _, ax_ttft, ax_tpot = fig.axes
+    ticks = ax_tok.get_yticklabels()
+    assert [t.get_text().split("\n") for t in ticks][:4] == [
+        ["sim_offline", "VALID"],
+        ["sim_server", "VALID"],
+        ["big_server", "INVALID"],
+        ["broken_server", "ERROR"],
+    ]
+    assert [to_rgba(t.get_color()) for t in ticks[2:4]] == [
+        to_rgba(STATUS_COLORS["INVALID"]),
+        to_rgba(STATUS_COLORS["ERROR"]),
+    ]
+    bars = [b for b in ax_tok.patches if isinstance(b, Rectangle)]
+    assert [b.get_width() for b in bars] == [9000.0, 3000.0, 800.0, 0.0, 0.0]
+    assert to_rgba(bars[2].get_facecolor()) == to_rgba(STATUS_COLORS["INVALID"])
+    assert sum(t.get_text().strip() == "n/a" for t in ax_tok.texts) == 2
+    assert ax_ttft.get_xscale() == "log" and ax_tpot.get_xscale() == "log"
+    legend = ax_tpot.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "VALID",
+        "INVALID",
+        "ERROR",
+        "INTERRUPTED",
+        "p50",
+        "p99 (value shown)",
+    ]
+
+    path = write_session_summary(tmp_path / "session" / "summary.png", results)
+    assert path == tmp_path / "session" / "summary.png"
+    assert path.stat().st_size > 20_000 and _png_size(path) == (1200, 800)
+
+
+def test_session_summary_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from harness_fixtures.metrics.plots import write_session_summary
+
+    assert write_session_summary(tmp_path / "empty.png", []) is None
+    assert not (tmp_path / "empty.png").exists()
+    # All metrics absent: still a figure (statuses only).
+    only_errors = [{"test_id": "a", "status": "ERROR"}, {"test_id": "b", "status": "TIMEOUT"}]
+    assert write_session_summary(tmp_path / "errors.png", only_errors) == tmp_path / "errors.png"
+    # Unwritable target: a warning, no exception.
+    (tmp_path / "file").write_text("")
+    assert write_session_summary(tmp_path / "file" / "summary.png", only_errors) is None
+    assert "session summary" in caplog.text
 
 
 # -- tools/gpu_check.py ----------------------------------------------------------------------------

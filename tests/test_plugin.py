@@ -88,6 +88,7 @@ def test_run_writes_results_calls_hooks_once_and_reports(harness_project: Harnes
             "a_offline*VALID*0",
             "a_server*VALID*0",
             "session results: */harness_output/*/session.yaml",
+            "session summary figure: */harness_output/*/summary.png",
         ]
     )
 
@@ -112,6 +113,8 @@ def test_run_writes_results_calls_hooks_once_and_reports(harness_project: Harnes
     assert server.ttft_ms.p50 is not None and server.ttft_ms.p50 >= 50  # the simulator's TTFT is 50 ms
     listed = yaml.safe_load((session / "session.yaml").read_text())["results"]
     assert [r["test_id"] for r in listed] == ["a_offline", "a_server"]
+    assert (session / "summary.png").stat().st_size > 20_000
+    assert str(session / "a_server" / "plots" / "latency_cdf.png") in server.telemetry["plots"]
 
     # JUnit XML: the compact harness_* properties, not the internal JSON payload.
     junit_text = (harness_project.path / "junit.xml").read_text()
@@ -168,6 +171,7 @@ def test_second_session_never_overwrites_the_first(harness_project: HarnessProje
     harness_project.run().assert_outcomes(failed=1)
     (first,) = harness_project.session_dirs()
     first_result = (first / "a_offline" / "result.yaml").read_text()
+    assert (first / "summary.png").is_file()  # an ERROR-only session (no metrics) still gets its figure
 
     harness_project.run().assert_outcomes(failed=1)
     dirs = harness_project.session_dirs()

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from harness_fixtures.results import MllogError, invalid_constraints, metrics_from_mllog, parse_mllog
+from harness_fixtures.results import (
+    MllogError,
+    invalid_constraints,
+    latency_limits,
+    metrics_from_mllog,
+    parse_mllog,
+)
 
 N_TOKENS = 5
 OFFLINE_DELAY_S = 0.3
@@ -180,3 +186,14 @@ def test_log_without_results_and_missing_log(tmp_path: Path) -> None:
 
     with pytest.raises(MllogError, match="does not exist"):
         parse_mllog(tmp_path / "nothing.txt")
+
+
+def test_latency_limits_only_for_server(logs: Path) -> None:
+    values, _, _ = parsed(logs / "server_overlatency")
+    limits, pct = latency_limits(values)
+    assert limits is not None and pct == 0.9
+    assert limits["ttft"] == 1e-6  # the 1 ns limit, in ms and not rounded to zero
+    assert limits["tpot"] == values["requested_server_tpot_latency"] / 1e6 > 0
+    assert latency_limits(parsed(logs / "offline")[0]) == (None, None)
+    assert latency_limits({**values, "requested_use_token_latencies": False}) == (None, None)
+    assert latency_limits({}) == (None, None)

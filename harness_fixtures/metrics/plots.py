@@ -1,4 +1,5 @@
-"""Run plots against time since the test start: client, engine, host and GPU figures as PNG.
+"""Figures as PNG: per test, client/engine/host/GPU runs against time since the test start and the
+TTFT/TPOT CDFs; per session, a summary comparing its tests.
 
 matplotlib is imported lazily and used through `Figure` + the Agg canvas only (no pyplot), so
 plotting touches no global backend state and works in threads and headless CI. Each figure is
@@ -7,6 +8,7 @@ plotting touches no global backend state and works in threads and headless CI. E
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +21,17 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["DPI", "FIGSIZE_IN", "OK_STATUSES", "build_figures", "write_plots"]
+log = logging.getLogger("harness_fixtures.plots")
+
+__all__ = [
+    "DPI",
+    "FIGSIZE_IN",
+    "OK_STATUSES",
+    "STATUS_COLORS",
+    "build_figures",
+    "write_plots",
+    "write_session_summary",
+]
 
 FIGSIZE_IN = (12.0, 8.0)
 DPI = 100
@@ -70,6 +82,22 @@ def _is_ok(r: Request) -> bool:
     return (status.lower() if isinstance(status, str) else status) in OK_STATUSES
 
 
+def _latencies_ms(r: Request) -> tuple[float | None, float | None]:
+    """(TTFT, TPOT) of one request in ms, None where not measurable.
+
+    TTFT counts from the issue time, as LoadGen measures it (client-side queueing included);
+    TPOT = (done - first token) / (n_tokens - 1), LoadGen's definition.
+    """
+    iss, first, done = _num(r.get("issued_s")), _num(r.get("first_token_s")), _num(r.get("done_s"))
+    n_tok = _num(r.get("n_tokens"))
+    if iss is None or first is None:
+        return None, None
+    ttft = (first - iss) * 1e3
+    if n_tok is None or n_tok < 2 or done is None or done <= first:
+        return ttft, None
+    return ttft, (done - first) / (n_tok - 1) * 1e3
+
+
 def _rolling(x: Sequence[float], y: Sequence[float]) -> tuple[Any, Any, Any, int]:
     """Trailing-window p50/p99 of y ordered by x; window = n/20 clamped to [5, 200] points."""
     import numpy as np
@@ -89,13 +117,15 @@ def _rolling(x: Sequence[float], y: Sequence[float]) -> tuple[Any, Any, Any, int
     return xs[w - 1 :: stride], p50, p99, w
 
 
-def _new_figure(title: str, nrows: int, ncols: int = 1) -> tuple[Figure, list[Axes]]:
+def _new_figure(
+    title: str, nrows: int, ncols: int = 1, sharex: bool = True, sharey: bool = False
+) -> tuple[Figure, list[Axes]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False).ravel().tolist()
+    axes = fig.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=False).ravel().tolist()
     fig.suptitle(title)
     return fig, axes
 
@@ -199,16 +229,16 @@ def _client_figure(requests: Sequence[Request]) -> Figure | None:
     ttft_x, ttft_y, delay_x, delay_y = [], [], [], []
     tpot_x, tpot_y = [], []
     for r in done_ok:
-        iss, first, done = _num(r.get("issued_s")), _num(r.get("first_token_s")), _num(r.get("done_s"))
-        sent, n_tok = _num(r.get("sent_s")), _num(r.get("n_tokens"))
+        iss, sent = _num(r.get("issued_s")), _num(r.get("sent_s"))
         if iss is None:
             continue
-        if first is not None:
+        ttft, tpot = _latencies_ms(r)
+        if ttft is not None:
             ttft_x.append(iss)
-            ttft_y.append((first - iss) * 1e3)
-            if n_tok is not None and n_tok >= 2 and done is not None and done > first:
-                tpot_x.append(iss)
-                tpot_y.append((done - first) / (n_tok - 1) * 1e3)
+            ttft_y.append(ttft)
+        if tpot is not None:
+            tpot_x.append(iss)
+            tpot_y.append(tpot)
         if sent is not None:
             delay_x.append(iss)
             delay_y.append((sent - iss) * 1e3)
@@ -232,6 +262,113 @@ def _client_figure(requests: Sequence[Request]) -> Figure | None:
     return fig
 
 
+# -- latency CDF -------------------------------------------------------------------------------
+# Percentile ticks for the logit y axis: the tail gets as much room as the median.
+_CDF_TICKS = (0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _pct_label(q: float) -> str:
+    return f"p{q * 100:.4g}"
+
+
+def _log_x(ax: Axes, lo: float, hi: float, max_125_decades: float) -> None:
+    """Log x axis with plain-number ticks (1-10-100, or 1-2-5 steps) that fit the data's range."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_xscale("log")
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+    if decades < 0.7:
+        subs: tuple[float, ...] = tuple(float(k) for k in range(1, 10))
+    elif decades <= max_125_decades:
+        subs = (1.0, 2.0, 5.0)
+    else:
+        subs = (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _cdf_panel(
+    ax: Axes, name: str, values: Sequence[float], limit_ms: float | None, target_pct: float | None
+) -> None:
+    import numpy as np
+
+    if not values:
+        _no_data(ax, name)
+        ax.set_title(f"{name} CDF")
+        return
+    xs = np.sort(np.asarray(values, dtype=float))
+    n = len(xs)
+    # Hazen plotting positions: (i - 0.5) / n never reaches 0 or 1, which a logit axis cannot show.
+    ys = (np.arange(n) + 0.5) / n
+    ax.step(xs, ys, where="post", color="tab:blue", label=f"{name} per request (n={n})")
+    p50, p99 = np.percentile(xs, [50, 99])
+    ax.plot([p50], [0.5], "o", color="tab:green", label=f"p50 = {_fmt_ms(p50)} ms")
+    ax.axvline(p99, color="tab:red", linestyle=":", linewidth=1)
+    ax.plot([p99], [0.99], "o", color="tab:red", label=f"p99 = {_fmt_ms(p99)} ms")
+    if limit_ms is not None:
+        over = float(np.mean(xs > limit_ms)) * 100
+        ax.axvline(
+            limit_ms,
+            color="black",
+            linestyle="--",
+            label=f"LoadGen limit = {_fmt_ms(limit_ms)} ms\n({over:.2f} % of requests above)",
+        )
+        if target_pct is not None and 0 < target_pct < 1:
+            ax.axhline(
+                target_pct,
+                color="tab:gray",
+                linestyle="-.",
+                linewidth=1,
+                label=f"limit applies at {_pct_label(target_pct)}",
+            )
+    lo = min(xs[0], limit_ms or xs[0])
+    hi = max(xs[-1], limit_ms or xs[-1])
+    if lo > 0 and hi / lo > 4:  # e.g. a 500 ms limit against 50 ms TTFTs
+        _log_x(ax, lo, hi, max_125_decades=3.0)
+    ax.set_yscale("logit")
+    y_lo, y_hi = 0.5 / n, 1 - 0.5 / n
+    if n == 1:
+        y_lo, y_hi = 0.25, 0.75
+    ticks = [t for t in _CDF_TICKS if y_lo <= t <= y_hi] or [0.5]
+    ax.set_ylim(min(y_lo, ticks[0]) * 0.8, 1 - (1 - max(y_hi, ticks[-1])) * 0.8)
+    ax.set_yticks(ticks, [_pct_label(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_title(f"{name} CDF")
+    ax.set_xlabel(f"{name} (ms{', log scale' if ax.get_xscale() == 'log' else ''})")
+    ax.set_ylabel("percentile of requests")
+    ax.grid(True, which="major", alpha=0.3)
+    _legend(ax)
+
+
+def _cdf_figure(
+    requests: Sequence[Request], limits_ms: Mapping[str, float] | None, target_pct: float | None
+) -> Figure | None:
+    ttft: list[float] = []
+    tpot: list[float] = []
+    for r in requests:
+        if not _is_ok(r):
+            continue
+        a, b = _latencies_ms(r)
+        if a is not None:
+            ttft.append(a)
+        if b is not None:
+            tpot.append(b)
+    if not ttft and not tpot:
+        return None
+    limits = limits_ms or {}
+    fig, (ax_ttft, ax_tpot) = _new_figure(
+        "Latency distribution of successful requests (client request log)", 2, sharex=False
+    )
+    _cdf_panel(ax_ttft, "TTFT", ttft, limits.get("ttft"), target_pct)
+    _cdf_panel(ax_tpot, "TPOT", tpot, limits.get("tpot"), target_pct)
+    return fig
+
+
 # -- timeline figures --------------------------------------------------------------------------
 def _plot_series(
     ax: Axes,
@@ -249,7 +386,6 @@ def _plot_series(
                 continue
             lab = label if len(sources) == 1 else f"{src}: {label}"
             ax.plot(ts, [v * scale for v in vs], label=lab, **style)
-            drawn = True
     return drawn
 
 
@@ -341,17 +477,132 @@ def _gpu_figure(grouped: Mapping[tuple[str, str], tuple[list[float], list[float]
     return fig
 
 
+# -- session summary ---------------------------------------------------------------------------
+STATUS_COLORS = {"VALID": "tab:green", "INVALID": "tab:orange", "ERROR": "tab:red"}
+_OTHER_STATUS_COLOR = "tab:gray"  # INTERRUPTED, TIMEOUT, anything unknown
+
+
+def _metric(result: Mapping[str, Any], *keys: str) -> float | None:
+    value: Any = result
+    for k in keys:
+        value = value.get(k) if isinstance(value, Mapping) else None
+    return _num(value)
+
+
+def _summary_figure(results: Sequence[Mapping[str, Any]]) -> Figure:
+    from matplotlib.patches import Patch
+
+    n = len(results)
+    fig, axes = _new_figure(
+        f"Session summary: {n} test{'s' if n != 1 else ''}", 1, 4, sharex=False, sharey=True
+    )
+    labels = [str(r.get("test_id") or r.get("nodeid") or f"test {i}") for i, r in enumerate(results)]
+    statuses = [str(r.get("status") or "?") for r in results]
+    colors = [STATUS_COLORS.get(st, _OTHER_STATUS_COLOR) for st in statuses]
+    ys = list(range(n))
+    fontsize = "medium" if n <= 12 else "small" if n <= 25 else "x-small"
+
+    for ax, key, title in (
+        (axes[0], "tokens_per_s", "Output tokens/s"),
+        (axes[1], "samples_per_s", "Samples/s"),
+    ):
+        vals = [_metric(r, key) for r in results]
+        ax.barh(ys, [v or 0.0 for v in vals], color=colors, height=0.6)
+        top = max((v for v in vals if v is not None), default=0.0)
+        for y, v in zip(ys, vals, strict=True):
+            text = "n/a" if v is None else f"{v:.4g}"
+            ax.text(v or 0.0, y, f" {text}", va="center", ha="left", fontsize="small")
+        ax.set_xlim(0, top * 1.35 if top > 0 else 1.0)
+        ax.set_title(title)
+        ax.set_xlabel(title.lower().replace("output ", ""))
+        ax.grid(True, axis="x", alpha=0.3)
+
+    for ax, key, title in ((axes[2], "ttft_ms", "TTFT"), (axes[3], "tpot_ms", "TPOT")):
+        plotted: list[float] = []
+        for y, r, c in zip(ys, results, colors, strict=True):
+            p50, p99 = _metric(r, key, "p50"), _metric(r, key, "p99")
+            pts = [v for v in (p50, p99) if v is not None and v > 0]
+            plotted += pts
+            if not pts:
+                # x in axes fraction, y in data: a log axis has no zero to put the text at
+                ax.text(0.02, y, "n/a", va="center", fontsize="small", transform=ax.get_yaxis_transform())
+                continue
+            ax.plot(pts, [y] * len(pts), color=c, linewidth=2, alpha=0.6)
+            if p50 is not None and p50 > 0:
+                ax.plot([p50], [y], "o", markerfacecolor="white", markeredgecolor=c, markersize=8)
+            if p99 is not None and p99 > 0:
+                ax.plot([p99], [y], "o", color=c, markersize=8)
+                ax.annotate(
+                    _fmt_ms(p99), (p99, y), xytext=(5, 4), textcoords="offset points", fontsize="small"
+                )
+        ax.set_title(f"{title} p50 / p99 (LoadGen)")
+        if plotted:
+            _log_x(ax, min(plotted), max(plotted), max_125_decades=1.3)
+            ax.set_xlabel(f"{title} (ms, log scale)")
+            ax.margins(x=0.2)
+        else:
+            _no_data(ax, title)
+            ax.set_xlabel(f"{title} (ms)")
+            ax.set_xticks([])
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+
+    axes[0].set_yticks(
+        ys, [f"{lab}\n{st}" for lab, st in zip(labels, statuses, strict=True)], fontsize=fontsize
+    )
+    for tick, c in zip(axes[0].get_yticklabels(), colors, strict=True):
+        tick.set_color(c)  # an ERROR row has no bars: its label still shows the status color
+    axes[0].set_ylim(n - 0.5, -0.5)  # first test on top
+    seen = dict.fromkeys(statuses)
+    handles: list[Any] = [Patch(color=STATUS_COLORS.get(st, _OTHER_STATUS_COLOR), label=st) for st in seen]
+    handles += [
+        axes[3].plot([], [], "o", markerfacecolor="white", markeredgecolor="black", label="p50")[0],
+        axes[3].plot([], [], "o", color="black", label="p99 (value shown)")[0],
+    ]
+    _legend(axes[3], handles, [str(h.get_label()) for h in handles])
+    return fig
+
+
+def write_session_summary(path: Path | str, results: Sequence[Mapping[str, Any]]) -> Path | None:
+    """Write one PNG comparing a session's tests (throughput, TTFT/TPOT p50/p99, status colors).
+
+    Never raises: a failure is logged as a warning and None returned, as it is for no results.
+
+    :param path: the PNG to write, e.g. ``<session>/summary.png``.
+    :param results: session.yaml's ``results`` rows (`BenchmarkResult` dicts; metrics may be None).
+    """
+    if not results:
+        return None
+    try:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _summary_figure(results).savefig(out, dpi=DPI)
+        return out
+    except Exception as exc:  # a figure must never fail the session
+        log.warning("session summary %s not written: %s: %s", path, type(exc).__name__, exc)
+        return None
+
+
 # -- public ------------------------------------------------------------------------------------
-def build_figures(samples: Iterable[Sample], requests: Sequence[Request] = ()) -> dict[str, Figure]:
-    """Figures by file stem ("client", "engine", "host", "gpu"); absent data -> no entry.
+def build_figures(
+    samples: Iterable[Sample],
+    requests: Sequence[Request] = (),
+    limits_ms: Mapping[str, float] | None = None,
+    target_percentile: float | None = None,
+) -> dict[str, Figure]:
+    """Figures by file stem ("client", "latency_cdf", "engine", "host", "gpu"); absent data -> no entry.
 
     :param samples: timeline samples (seconds since test start).
     :param requests: per-request log rows with `issued_s, sent_s, first_token_s, done_s, n_tokens,
         status` (seconds since test start, None when absent).
+    :param limits_ms: the scenario's latency limits, ``{"ttft": ms, "tpot": ms}`` (either key may be
+        absent), drawn on the CDFs; None when the scenario has none (see
+        `harness_fixtures.results.latency_limits`).
+    :param target_percentile: the fraction (0.99) at which LoadGen checks those limits.
     """
     grouped = _group(samples)
     figs: dict[str, Figure | None] = {
         "client": _client_figure(requests),
+        "latency_cdf": _cdf_figure(requests, limits_ms, target_percentile),
         "engine": _engine_figure(grouped),
         "host": _host_figure(grouped),
         "gpu": _gpu_figure(grouped),
@@ -360,13 +611,17 @@ def build_figures(samples: Iterable[Sample], requests: Sequence[Request] = ()) -
 
 
 def write_plots(
-    out_dir: Path | str, samples: Iterable[Sample], requests: Sequence[Request] = ()
+    out_dir: Path | str,
+    samples: Iterable[Sample],
+    requests: Sequence[Request] = (),
+    limits_ms: dict[str, float] | None = None,
+    target_percentile: float | None = None,
 ) -> list[Path]:
     """Write `<stem>.png` for each figure `build_figures` makes; return the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for stem, fig in build_figures(samples, requests).items():
+    for stem, fig in build_figures(samples, requests, limits_ms, target_percentile).items():
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=DPI)
         paths.append(path)
