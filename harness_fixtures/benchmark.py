@@ -44,6 +44,7 @@ class RunOptions:
     test_timeout_s: float = 7200.0
     api_key_env: str | None = None
     warmup: bool = True
+    client_workers: int | None = None  # None: auto (fanout.auto_workers); 1: the in-process client
 
 
 def read_requests(path: Path) -> list[dict[str, Any]]:
@@ -79,6 +80,35 @@ def client_summary(requests: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def client_load(
+    scenario: str, requests: list[dict[str, Any]], client: dict[str, Any], values: dict[str, Any]
+) -> dict[str, Any]:
+    """Achieved vs target rate, client processes and their CPU (what gating.check_client_bound reads).
+
+    Server: achieved = requests sent / (last send − LoadGen start), next to LoadGen's target and its
+    scheduled rate (the Poisson schedule it actually drew). Other scenarios: LoadGen's completed rate.
+    """
+    achieved = None
+    if LOADGEN_SCENARIO.get(scenario) == "Server":
+        sent = [r["sent_s"] for r in requests if r.get("sent_s") is not None]
+        start = client.get("loadgen_start_s")
+        if sent and start is not None and max(sent) > start:
+            achieved = round(len(sent) / (max(sent) - start), 3)
+    else:
+        v = values.get("result_samples_per_second", values.get("result_completed_samples_per_sec"))
+        achieved = round(float(v), 3) if isinstance(v, (int, float)) else None
+    return {
+        "requests": len(requests),
+        "target_qps": values.get("effective_target_qps"),
+        "scheduled_qps": values.get("result_scheduled_samples_per_sec"),
+        "achieved_qps": achieved,
+        "workers": client.get("workers"),
+        "cpu_pct": client.get("cpu_pct_total", client.get("cpu_pct")),
+        "cpu_bound_fraction": client.get("cpu_bound_fraction"),
+        "cpu_samples": client.get("cpu_samples"),
+    }
+
+
 def _stop_child(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
     if proc.poll() is not None:
         return
@@ -101,11 +131,13 @@ def run_benchmark(
     dataset_path: Path,
     t0_ns: int | None = None,
     on_start: Callable[[int], None] | None = None,
+    on_tick: Callable[[float], None] | None = None,
 ) -> BenchmarkResult:
     """Run LoadGen for one case × scenario in a child process and turn its logs into a result.
 
     ``t0_ns`` (time.monotonic_ns) is the test's time origin, shared by requests.jsonl and the
-    telemetry timeline; ``on_start(pid)`` is called once the child (the client) is running.
+    telemetry timeline; ``on_start(pid)`` is called once the child (the client) is running;
+    ``on_tick(elapsed_s)`` about once a second while it runs (progress display).
     """
     test_dir.mkdir(parents=True, exist_ok=True)
     lg_scenario = LOADGEN_SCENARIO[scenario]
@@ -128,6 +160,7 @@ def run_benchmark(
         sample_count=opts.sample_count,
         request_timeout_s=opts.request_timeout_s,
         warmup=opts.warmup,
+        client_workers=opts.client_workers,
         t0_monotonic_ns=t0_ns,
     )
     spec_path = test_dir / "run_spec.json"
@@ -147,9 +180,13 @@ def run_benchmark(
     engine_dead_since: float | None = None
     if on_start is not None:
         on_start(proc.pid)
+    next_tick = t0
     try:
         while proc.poll() is None:
             now = time.monotonic()
+            if on_tick is not None and now >= next_tick:
+                on_tick(now - t0)
+                next_tick = now + 1.0
             if not endpoint.alive():
                 engine_dead_since = engine_dead_since or now
                 if now - engine_dead_since > ENGINE_DEATH_GRACE_S:
@@ -202,6 +239,7 @@ def build_result(
         first_error=client.get("first_error") or next((r.get("error") for r in failed), None),
     )
     fields: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     lg_errors: list[str] = []
     constraints: list[str] = []
     try:
@@ -215,6 +253,11 @@ def build_result(
     except MllogError as exc:
         if status is None:
             status, reason = "ERROR", str(exc)
+    accuracy_log = test_dir / "mlperf" / "mlperf_log_accuracy.json"
+    if status is None and mode == "accuracy" and runner_rc == 0 and accuracy_log.is_file():
+        # AccuracyOnly logs no result_validity (no latency constraints to meet): a run that finished
+        # and wrote its accuracy log is complete, and the accuracy gate judges it.
+        status = "VALID"
     if status is None:
         status = "ERROR"
         reason = (
@@ -234,7 +277,7 @@ def build_result(
         queries=counts,
         duration_s=round(duration_s, 3),
         engine_alive=engine_alive,
-        client=client_summary(requests),
+        client={**client_summary(requests), **client_load(scenario, requests, client, values)},
         consistency=client.get("consistency", {}),
         paths={
             "test_dir": str(test_dir),

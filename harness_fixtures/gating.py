@@ -7,6 +7,7 @@ one line per violation and writes the same list into ``result.yaml`` under ``gat
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +215,99 @@ def check_consistency(consistency: dict[str, Any]) -> list[Violation]:
     return out
 
 
+@dataclass(frozen=True)
+class ClientBoundLimits:
+    """When a run counts as client-bound: the load generator, not the server, set the pace.
+
+    A healthy client dispatches within a few ms of LoadGen's issue and keeps the schedule; a saturated
+    one builds a backlog, so lag p99 and the rate shortfall grow without bound. The bounds leave room
+    for scheduler noise on a shared machine. Percentiles and rates need ``min_requests``; CPU
+    saturation needs ``min_cpu_samples`` one-second samples.
+    """
+
+    max_dispatch_lag_p99_ms: float = 10.0  # LoadGen issue → request sent (Server, SingleStream)
+    min_achieved_qps_ratio: float = 0.95  # sends per second / LoadGen's scheduled rate (Server)
+    max_cpu_bound_fraction: float = 0.5  # share of samples with a client process at >= 90 % of a core
+    min_requests: int = 100
+    min_cpu_samples: int = 5
+
+
+CLIENT_BOUND_FIX = (
+    "the client limited this run, so its numbers measure the client; add client processes "
+    "(--harness-client-workers N) or accept it with --harness-allow-client-bound"
+)
+
+
+def check_client_bound(result: dict[str, Any], opts: ClientBoundLimits | None = None) -> list[Violation]:
+    """Client-bound detection on a performance run: dispatch lag, achieved vs scheduled QPS, client CPU.
+
+    Reads ``result.client`` (requests.jsonl / client.json summary) and, for CPU,
+    ``result.telemetry.client_cpu_bound_fraction`` (the runner process, from the host collector) and
+    ``result.client.cpu_bound_fraction`` (the runner and each client worker, self-measured): the
+    busiest process counts, since each is one GIL.
+    """
+    lim = opts or ClientBoundLimits()
+    if result.get("mode") != "performance" or result.get("status") not in ("VALID", "INVALID"):
+        return []
+    c = result.get("client") or {}
+    scenario = result.get("scenario")
+    enough = (c.get("requests") or 0) >= lim.min_requests
+    out: list[Violation] = []
+    lag = c.get("dispatch_lag_ms_p99")
+    if (
+        scenario != "Offline"
+        and enough
+        and isinstance(lag, (int, float))
+        and lag > lim.max_dispatch_lag_p99_ms
+    ):
+        out.append(
+            Violation.make(
+                "dispatch_lag_p99_ms",
+                lag,
+                lim.max_dispatch_lag_p99_ms,
+                "lower_is_better",
+                "client",
+                CLIENT_BOUND_FIX,
+            )
+        )
+    achieved, scheduled = c.get("achieved_qps"), c.get("scheduled_qps") or c.get("target_qps")
+    server = scenario in ("Server", "Interactive")
+    if server and enough and achieved and scheduled and achieved / scheduled < lim.min_achieved_qps_ratio:
+        out.append(
+            Violation.make(
+                "achieved_qps",
+                round(float(achieved), 3),
+                round(lim.min_achieved_qps_ratio * scheduled, 3),
+                "higher_is_better",
+                "client",
+                f"{achieved / scheduled:.0%} of LoadGen's scheduled {scheduled:.4g} QPS "
+                f"(target {c.get('target_qps')}); {CLIENT_BOUND_FIX}",
+            )
+        )
+    fractions = []
+    if (
+        isinstance(c.get("cpu_bound_fraction"), (int, float))
+        and (c.get("cpu_samples") or 0) >= lim.min_cpu_samples
+    ):
+        fractions.append(float(c["cpu_bound_fraction"]))
+    tel = (result.get("telemetry") or {}).get("client_cpu_bound_fraction")
+    if isinstance(tel, (int, float)) and (result.get("duration_s") or 0) >= lim.min_cpu_samples:
+        fractions.append(float(tel))
+    if fractions and max(fractions) > lim.max_cpu_bound_fraction:
+        out.append(
+            Violation.make(
+                "client_cpu_bound_fraction",
+                max(fractions),
+                lim.max_cpu_bound_fraction,
+                "lower_is_better",
+                "client",
+                f"a client process was at >= 90 % of a core in {max(fractions):.0%} of its samples; "
+                + CLIENT_BOUND_FIX,
+            )
+        )
+    return out
+
+
 # -- thresholds file --------------------------------------------------------------------------
 def load_threshold_overrides(path: Path, known_fields: set[str]) -> dict[str, dict[str, Any]]:
     """``--harness-thresholds FILE``: {case name or test id: {threshold: value}}; validated keys."""
@@ -269,8 +363,9 @@ class Baseline(BaseModel):
             ) from None
 
 
-def _stable_args(argv: list[str]) -> list[str]:
-    """Engine args that define the configuration: without the executable and the per-run port."""
+def _stable_args(argv: list[str], session_dir: str = "") -> list[str]:
+    """Engine args that define the configuration: without the executable, the per-run port and the
+    session folder (the simulator's settings file lives there: a new path every session)."""
     out: list[str] = []
     skip = False
     for a in argv[1:]:
@@ -280,17 +375,18 @@ def _stable_args(argv: list[str]) -> list[str]:
         if a in ("--port", "--host"):
             skip = True
             continue
-        out.append(a)
+        out.append(a.replace(session_dir, "<session>") if session_dir else a)
     return out
 
 
 def baseline_entry(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
     engine = metadata.get("engine") or {}
+    test_dir = (metadata.get("outputs") or {}).get("test_dir")
     return {
         "metrics": {k: v for k, v in metric_values(result).items() if k in BASELINE_METRICS},
         "status": result.get("status"),
         "engine_version": engine.get("version"),
-        "engine_args": _stable_args(engine.get("argv") or []),
+        "engine_args": _stable_args(engine.get("argv") or [], str(Path(test_dir).parent) if test_dir else ""),
         "settings": {
             k: (result.get("settings") or {}).get(k)
             for k in ("target_qps", "min_duration_ms", "min_query_count", "scenario")
