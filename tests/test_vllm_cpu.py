@@ -41,9 +41,9 @@ smollm2-135m.Server.tpot_latency = 400
 smollm2-135m.SingleStream.target_latency = 10000
 smollm2-135m.SingleStream.min_duration = 60000
 smollm2-135m.SingleStream.min_query_count = 100
-sim-tiny.Offline.target_qps = 100
-sim-tiny.Offline.min_duration = 500
-sim-tiny.Offline.min_query_count = 20
+sim-tiny.Offline.target_qps = 500
+sim-tiny.Offline.min_duration = 1000
+sim-tiny.Offline.min_query_count = 100
 """
 
 # Kills the engine (a process this inner session started, found among its own children) once the
@@ -133,6 +133,16 @@ def cpu_session(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"proc": proc, "out": sessions[0].parent, "results": results, "wall_s": time.monotonic() - t0}
 
 
+def _outcome(s: dict[str, Any], test_id: str) -> str:
+    """PASSED/FAILED/ERROR of a test in the inner session's -v output."""
+    for line in s["proc"].stdout.splitlines():
+        if f"[{test_id}]" in line:
+            for word in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+                if word in line:
+                    return word
+    return "not run"
+
+
 def _meta(s: dict[str, Any], test_id: str) -> dict[str, Any]:
     return yaml.safe_load((s["out"] / test_id / "metadata.yaml").read_text())
 
@@ -144,9 +154,7 @@ def test_offline_and_server_valid_on_real_vllm(cpu_session: dict[str, Any], test
     assert r["queries"]["failed"] == 0
     assert r["queries"]["completed"] >= 8
     assert r["tokens_per_s"] > 0
-    assert "PASSED" in next(
-        line for line in cpu_session["proc"].stdout.splitlines() if f"[{test_id}]" in line
-    )
+    assert _outcome(cpu_session, test_id) == "PASSED"
     md = _meta(cpu_session, test_id)
     assert md["engine"]["kind"] == "vllm"
     assert md["engine"]["version"] == engine_env.VLLM_VERSION
@@ -177,8 +185,7 @@ def test_engine_killed_mid_run_fails_fast_and_session_goes_on(cpu_session: dict[
     assert "engine died" in r["reason"] and "last log lines" in r["reason"]
     # SingleStream was set to run >= 60 s; dying engine → the test ends within seconds of the kill.
     assert r["duration_s"] < 60, r["duration_s"]
-    stdout = cpu_session["proc"].stdout
-    assert "FAILED" in next(line for line in stdout.splitlines() if "[smollm2_135m_singlestream]" in line)
+    assert _outcome(cpu_session, "smollm2_135m_singlestream") == "FAILED"
     assert cpu_session["results"]["sim_tiny_offline"]["status"] == "VALID"
 
 

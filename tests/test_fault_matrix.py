@@ -1,0 +1,708 @@
+"""The fault matrix of issue #7: one test per row, each with bounded runtime.
+
+| row | test |
+|---|---|
+| engine binary missing / bad engine args | test_engine_binary_missing_or_bad_args |
+| port already taken | test_port_already_taken |
+| engine exits during start-up | test_engine_exits_during_startup |
+| engine killed mid-run | test_engine_killed_mid_run (real vLLM-CPU: tests/test_vllm_cpu.py) |
+| engine hangs | test_engine_hangs |
+| HTTP 500s / connection resets | test_http_500s_and_connection_resets |
+| malformed or truncated SSE stream | test_malformed_or_truncated_sse_stream |
+| SIGINT / SIGTERM to pytest mid-run | test_signal_mid_run_stops_everything_and_keeps_results |
+| second session into the same output dir | test_second_session_never_overwrites |
+| unwritable output dir / disk error on write | test_unwritable_output_dir, test_disk_error_on_result_write |
+| bad user input | test_bad_input_is_named_and_starts_no_engine |
+| MLflow unreachable during live logging | test_mlflow_unreachable_and_no_secret_written |
+| collector failure | test_collector_failure_is_reported_and_the_benchmark_passes |
+| deadlines: configurable, LLM-sized defaults | test_engine_hangs, test_deadline_defaults_fit_llm_runs |
+| security: engines bind loopback | test_engines_bind_loopback |
+| security: no secret in any written file | test_mlflow_unreachable_and_no_secret_written |
+| security: safe_load only, no shell=True | test_no_unsafe_yaml_or_shell |
+
+Runs are pytester subprocesses of a throwaway project (tests/conftest.py), so LoadGen children,
+engine process groups and signal handlers stay out of this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import pytest
+import yaml
+
+from conftest import BENCHMARK_TEST, TINY_SIM, TINY_USER_CONF, sim_case, write_dataset
+from harness_fixtures.results import BenchmarkResult, parse_mllog
+from harness_fixtures.servers import EngineError, LaunchContext
+from harness_fixtures.servers import launchers as launchers_mod
+from harness_fixtures.servers.launchers import PORT_RETRIES, SimLauncher
+
+if TYPE_CHECKING:
+    from conftest import HarnessProject
+
+ROOT = Path(__file__).resolve().parents[1]
+# Short deadlines: every row ends in seconds, never at an LLM-sized default.
+DEADLINES = ("--harness-request-timeout-s=2", "--harness-test-timeout-s=20")
+START_TIMEOUT_S = 60  # the model YAMLs' engine.start_timeout_s: "fails fast" means far below this
+
+
+def junit_times(path: Path) -> dict[str, float]:
+    """Test id → seconds the test took, from the JUnit XML."""
+    out = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "")
+        out[name[name.index("[") + 1 : -1]] = float(case.get("time", "nan"))
+    return out
+
+
+def only_session(project: HarnessProject) -> Path:
+    (session,) = project.session_dirs()
+    return session
+
+
+def requests_of(test_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (test_dir / "requests.jsonl").read_text().splitlines()]
+
+
+# -- engine start ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fault", ["binary_missing", "bad_args"])
+def test_engine_binary_missing_or_bad_args(harness_project: HarnessProject, fault: str) -> None:
+    if fault == "binary_missing":
+        missing = harness_project.path / "no-such-engine" / "vllm"
+        engine = {
+            "kind": "vllm",
+            "executable": str(missing),
+            "model": "m",
+            "start_timeout_s": START_TIMEOUT_S,
+        }
+        expected = [f"*engine for 'a' failed to start: engine.executable '{missing}' does not exist*"]
+    else:
+        engine = {"kind": "sim", "args": {"no-such-flag": 1}, "start_timeout_s": START_TIMEOUT_S}
+        expected = [
+            "*engine for 'a' failed to start: engine exited with code 2 during start-up*",
+            "*error: unrecognized arguments: --no-such-flag 1*",  # the engine's log tail
+        ]
+    harness_project.model("a", ("Offline", "Server"), engine=engine)
+
+    result = harness_project.run("--junitxml=junit.xml", *DEADLINES, timeout=START_TIMEOUT_S)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(expected)
+    times = junit_times(harness_project.path / "junit.xml")
+    assert times["a_offline"] < 10 and times["a_server"] < 2, times  # the second test does not retry
+    for test_id in ("a_offline", "a_server"):
+        r = BenchmarkResult.load(only_session(harness_project) / test_id / "result.yaml")
+        assert r.status == "ERROR" and "failed to start" in (r.reason or "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outcome", ["another_port", "clear_error"])
+def test_port_already_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str) -> None:
+    """The free-port probe and the engine's bind race; a port taken in between must not end the run."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        real = launchers_mod.free_port
+        probes: list[int] = []
+
+        def racing_free_port(host: str = "127.0.0.1") -> int:
+            # The first probe (or every one) returns the port another process grabbed meanwhile.
+            probes.append(port if outcome == "clear_error" or not probes else real(host))
+            return probes[-1]
+
+        monkeypatch.setattr(launchers_mod, "free_port", racing_free_port)
+        launcher = SimLauncher()
+        ctx = LaunchContext(case=sim_case(tmp_path), run_dir=tmp_path / "engine")
+
+        def log_text() -> str:
+            return (tmp_path / "engine" / "engine.log").read_text()
+
+        if outcome == "another_port":
+            endpoint = launcher.start(ctx)
+            try:
+                assert endpoint.base_url != f"http://127.0.0.1:{port}" and endpoint.alive()
+                assert probes[0] == port and len(probes) == 2
+                assert "address already in use" in log_text()
+            finally:
+                launcher.stop(endpoint)
+        else:
+            with pytest.raises(EngineError, match="address already in use") as exc:
+                launcher.start(ctx)
+            assert f"127.0.0.1:{port}" in str(exc.value)
+            assert probes == [port] * PORT_RETRIES
+            assert log_text().count("address already in use") == PORT_RETRIES
+
+
+def test_engine_exits_during_startup(harness_project: HarnessProject) -> None:
+    # The engine exits before it listens: the harness notices the exit, not the start deadline.
+    harness_project.model("a", ("Offline",), sim={"fail_start": True})
+    t0 = time.monotonic()
+    result = harness_project.run("--junitxml=junit.xml", *DEADLINES, timeout=START_TIMEOUT_S)
+    result.assert_outcomes(failed=1)
+    assert time.monotonic() - t0 < START_TIMEOUT_S / 4
+    result.stdout.fnmatch_lines(
+        [
+            "*engine for 'a' failed to start: engine exited with code 3 during start-up*",
+            "*fail_start is set: refusing to start (simulated engine start failure)*",
+        ]
+    )
+    assert junit_times(harness_project.path / "junit.xml")["a_offline"] < 10
+
+
+# -- engine faults mid-run -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_engine_killed_mid_run(harness_project: HarnessProject) -> None:
+    """The simulator exits when request 7 arrives. The same row on the real engine (SIGKILL to a
+    running vLLM-CPU) is tests/test_vllm_cpu.py; tests/test_engine_faults.py covers the restart."""
+    harness_project.model("a", ("Server",), sim={**TINY_SIM, "crash_after_requests": 6})
+    harness_project.model("b", ("Offline",))
+
+    result = harness_project.run("--junitxml=junit.xml", *DEADLINES, timeout=120)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*engine died during the test (exit code 1); last log lines*",
+            "*crash_after_requests=6 reached at request 7*",
+        ]
+    )
+    session = only_session(harness_project)
+    crashed = BenchmarkResult.load(session / "a_server" / "result.yaml")
+    assert crashed.status == "ERROR" and not crashed.engine_alive
+    q = crashed.queries
+    assert q.failed > 0 and q.completed + q.failed == q.issued
+    # LoadGen was not killed: it finished and wrote its result; the test ended soon after the death.
+    values, _ = parse_mllog(session / "a_server" / "mlperf" / "mlperf_log_detail.txt")
+    assert values["result_validity"] in ("VALID", "INVALID")
+    assert junit_times(harness_project.path / "junit.xml")["a_server"] < 20
+    assert BenchmarkResult.load(session / "b_offline" / "result.yaml").status == "VALID"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deadline", ["request", "test"])
+def test_engine_hangs(harness_project: HarnessProject, deadline: str) -> None:
+    """The engine accepts requests after the warm-up but never answers them."""
+    harness_project.model("a", ("Offline",), sim={**TINY_SIM, "hang_after_requests": 1})
+    if deadline == "request":
+        options = ("--harness-request-timeout-s=2", "--harness-test-timeout-s=20")
+    else:
+        options = ("--harness-request-timeout-s=600", "--harness-test-timeout-s=3")
+    t0 = time.monotonic()
+    result = harness_project.run("--junitxml=junit.xml", *options, timeout=60)
+    assert time.monotonic() - t0 < 30
+    result.assert_outcomes(failed=1)
+    test_dir = only_session(harness_project) / "a_offline"
+    r = BenchmarkResult.load(test_dir / "result.yaml")
+    md = yaml.safe_load((test_dir / "metadata.yaml").read_text())
+    timeouts = {k: md["run_options"][k] for k in ("request_timeout_s", "test_timeout_s")}
+    if deadline == "request":
+        assert timeouts == {"request_timeout_s": 2.0, "test_timeout_s": 20.0}
+        # Every query failed at its 2 s deadline; LoadGen completed them and finished.
+        assert r.queries.issued > 0 and r.queries.failed == r.queries.issued and r.queries.completed == 0
+        assert "timeout after 2 s" in (r.queries.first_error or "")
+        result.stdout.fnmatch_lines(["*failed_requests * > max 0*first error: *timeout after 2 s*"])
+        assert junit_times(harness_project.path / "junit.xml")["a_offline"] < 15
+    else:
+        assert timeouts == {"request_timeout_s": 600.0, "test_timeout_s": 3.0}
+        assert r.status == "TIMEOUT" and "test deadline of 3 s passed" in (r.reason or "")
+        # LoadGen was stopped with its queries in flight: each is written and counted as failed.
+        assert r.queries.issued > 0 and r.queries.failed == r.queries.issued
+        assert "not answered: the runner was stopped" in (r.queries.first_error or "")
+        assert len(requests_of(test_dir)) == r.queries.issued
+        result.stdout.fnmatch_lines(["*TIMEOUT*test deadline of 3 s passed; LoadGen stopped*"])
+        assert junit_times(harness_project.path / "junit.xml")["a_offline"] < 12
+
+
+# One session, one engine per fault: each request hit by the fault fails, the others pass.
+FAULTY_MODELS = {
+    "http500": {"http_500_rate": 0.3},
+    "dropped": {"truncate_stream_rate": 0.3},
+    "malformed": {"malformed_sse_rate": 0.3},
+}
+
+
+@pytest.fixture(scope="module")
+def faulty_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Runs the FAULTY_MODELS once for the rows that read it; returns (session dir, pytest output)."""
+    root = tmp_path_factory.mktemp("faulty")
+    (root / "pytest.ini").write_text(
+        "[pytest]\nharness_models_dir = models\nharness_user_conf = user.conf\n"
+        "harness_output_dir = harness_output\n"
+    )
+    (root / "user.conf").write_text(TINY_USER_CONF)
+    (root / "test_benchmarks.py").write_text(BENCHMARK_TEST)
+    write_dataset(root / "data" / "prompts.json")
+    (root / "models").mkdir()
+    for name, sim in FAULTY_MODELS.items():
+        case = {
+            "name": name,
+            "engine": {
+                "kind": "sim",
+                "start_timeout_s": START_TIMEOUT_S,
+                "stop_timeout_s": 5,
+                "sim": {**TINY_SIM, **sim},
+            },
+            "dataset": {"path": "../data/prompts.json"},
+            "generation": {"max_tokens": 8, "ignore_eos": True},
+            "loadgen_model": {"Offline": "tiny"},
+            "scenarios": ["Offline"],
+        }
+        (root / "models" / f"{name}.yaml").write_text(yaml.safe_dump(case))
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *DEADLINES],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    (session,) = (root / "harness_output").iterdir()
+    return session, r.stdout
+
+
+def _check_counted_failures(session: Path, output: str, model: str) -> list[dict[str, Any]]:
+    test_dir = session / f"{model}_offline"
+    r = BenchmarkResult.load(test_dir / "result.yaml")
+    q = r.queries
+    assert 0 < q.failed < q.issued and q.completed + q.failed == q.issued, q
+    # The test fails with the counts and the first error.
+    assert f"{q.failed} of {q.issued} failed; first error: {q.first_error}" in output
+    # No fake tokens: failed requests carry none, and the output tokens are the completed ones'.
+    reqs = requests_of(test_dir)
+    failed = [x for x in reqs if x["status"] != "ok"]
+    assert len(failed) == q.failed and all(x["n_tokens"] == 0 and x["error"] for x in failed)
+    assert q.output_tokens == 8 * q.completed
+    return failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, error",
+    [("http500", "HTTP 500: *simulated internal server error"), ("dropped", "*truncated*")],
+    ids=["http_500", "connection_dropped"],
+)
+def test_http_500s_and_connection_resets(faulty_session: tuple[Path, str], model: str, error: str) -> None:
+    session, output = faulty_session
+    failed = _check_counted_failures(session, output, model)
+    assert all(fnmatch.fnmatch(x["error"], f"*{error}*") for x in failed), failed[:3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, fragment",
+    [
+        ("malformed", "malformed SSE data: b'{malformed-sse-from-sim'"),
+        ("dropped", "truncated"),  # the connection closed mid-answer, before [DONE]
+    ],
+    ids=["malformed", "truncated"],
+)
+def test_malformed_or_truncated_sse_stream(
+    faulty_session: tuple[Path, str], model: str, fragment: str
+) -> None:
+    session, output = faulty_session
+    failed = _check_counted_failures(session, output, model)
+    # The raw fragment (or what went wrong) is in the per-request log, requests.jsonl, and in the
+    # test's failure message.
+    assert all(fragment in x["error"] for x in failed), failed[:3]
+    assert fragment in output
+
+
+# -- signals ---------------------------------------------------------------------------------------
+def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_run_stops_everything_and_keeps_results(
+    harness_project: HarnessProject, signum: signal.Signals
+) -> None:
+    """Ctrl-C or a job scheduler's SIGTERM to pytest mid-run. The harness's statuses are uppercase:
+    an interrupted test's result.yaml says ``status: INTERRUPTED``."""
+    harness_project.model("long", ("Server",))
+    harness_project.user_conf("tiny.Server.target_qps = 20\ntiny.Server.min_duration = 120000\n")
+    log_path = harness_project.path / "pytest.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *DEADLINES],
+            cwd=harness_project.path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: what remains of it is checked below
+        )
+    try:
+        out = harness_project.path / "harness_output"
+        reqlog = _wait_for(
+            lambda: next(iter(out.glob("*/long_server/requests.jsonl")), None), 60, "requests.jsonl"
+        )
+        size = _wait_for(lambda: reqlog.stat().st_size, 30, "requests.jsonl to be written")
+        _wait_for(lambda: reqlog.stat().st_size > size, 30, "requests.jsonl to grow")
+        ours = psutil.Process(proc.pid).children(recursive=True)
+        (engine,) = [p for p in ours if "harness_fixtures.sim" in p.cmdline()]
+        (runner,) = [p for p in ours if "harness_fixtures.runner" in p.cmdline()]
+        groups = {proc.pid, engine.pid, runner.pid}  # the engine and LoadGen run in groups of their own
+
+        t0 = time.monotonic()
+        os.kill(proc.pid, signum)  # pytest only, as a terminal's Ctrl-C would not reach the others
+        proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 15, log_path.read_text()[-3000:]
+        _, alive = psutil.wait_procs(ours, timeout=5)
+        assert alive == [], alive
+        for pgid in groups:
+            assert _group_members(pgid) == [], pgid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    text = log_path.read_text()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, text[-3000:]
+    test_dir = reqlog.parent
+    r = BenchmarkResult.load(test_dir / "result.yaml")
+    assert r.status == "INTERRUPTED" and "interrupted" in (r.reason or ""), r
+    md = yaml.safe_load((test_dir / "metadata.yaml").read_text())
+    assert md["test_id"] == "long_server" and md["engine"]["pid"] == engine.pid
+    # What was measured before the signal is kept.
+    assert requests_of(test_dir) and (test_dir / "mlperf" / "mlperf_log_detail.txt").is_file()
+    assert r.queries.issued > 0
+
+
+# -- output ----------------------------------------------------------------------------------------
+# Every session of this project gets the same timestamp, as two started in the same second do.
+SAME_SECOND_CONFTEST = """
+import datetime
+import types
+
+import harness_fixtures.plugin as plugin
+
+
+class Frozen(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=tz)
+
+
+plugin.dt = types.SimpleNamespace(datetime=Frozen, timezone=datetime.timezone)
+"""
+
+
+@pytest.mark.slow
+def test_second_session_never_overwrites(harness_project: HarnessProject) -> None:
+    harness_project.pytester.makeconftest(SAME_SECOND_CONFTEST)
+    # A missing dataset still writes result.yaml and starts no engine: cheap sessions.
+    harness_project.model("a", ("Offline",), dataset="../data/missing.json")
+    earlier = harness_project.path / "harness_output" / "20300102-030405" / "a_offline" / "result.yaml"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("status: VALID  # an earlier session's result\n")
+
+    # Two sessions at once into the same output dir, with the earlier one's timestamp.
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
+    procs = [
+        subprocess.Popen(argv, cwd=harness_project.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outputs
+    dirs = harness_project.session_dirs()
+    assert [d.name for d in dirs] == ["20300102-030405", "20300102-030405-1", "20300102-030405-2"]
+    assert earlier.read_text() == "status: VALID  # an earlier session's result\n"
+    for d in dirs[1:]:
+        assert BenchmarkResult.load(d / "a_offline" / "result.yaml").status == "ERROR"
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "is_a_file"])
+def test_unwritable_output_dir(harness_project: HarnessProject, where: str) -> None:
+    # Root ignores permission bits, so the dir is made unusable the way that stops root too.
+    blocker = harness_project.path / "blocker"
+    blocker.write_text("not a directory\n")
+    out = blocker / "out" if where == "parent_is_a_file" else blocker
+    harness_project.model("a", ("Offline",))
+    result = harness_project.run(f"--harness-output-dir={out}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines([f"*output dir '{out}'*--harness-output-dir*"])
+    assert "Traceback" not in result.stderr.str()
+    assert not list(harness_project.path.rglob("engine.log"))  # the engine was never started
+
+    # The same dir from the ini file (no CLI flag): caught once harness tests are selected.
+    harness_project.pytester.makefile(
+        ".ini",
+        pytest=f"[pytest]\nharness_models_dir = models\nharness_user_conf = user.conf\n"
+        f"harness_output_dir = {out}\n",
+    )
+    result = harness_project.run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines([f"*output dir '{out}'*"])
+    assert not list(harness_project.path.rglob("engine.log"))
+
+
+DISK_FULL_CONFTEST = """
+import errno
+
+import harness_fixtures.plugin as plugin
+
+real = plugin.write_yaml
+
+
+def write_yaml(path, data):
+    if path.name == "result.yaml":
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    real(path, data)
+
+
+plugin.write_yaml = write_yaml
+"""
+
+
+@pytest.mark.slow
+def test_disk_error_on_result_write(harness_project: HarnessProject) -> None:
+    """Unknowable before the run: the benchmark passes, the write fails; a clear error, exit code 1."""
+    harness_project.model("a", ("Offline",))
+    harness_project.pytester.makeconftest(DISK_FULL_CONFTEST)
+    result = harness_project.run(*DEADLINES)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["harness: cannot write */a_offline/result.yaml: No space left on device; free space*"]
+    )
+    session = only_session(harness_project)
+    assert (session / "a_offline" / "metadata.yaml").is_file() and (session / "session.yaml").is_file()
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def _bad_user_conf(p: HarnessProject) -> list[str]:
+    conf = p.user_conf("tiny.Offline.target_qps = 100\ntiny.Offline.min_durration = 200\n")
+    return [f"*{conf}:2: unknown key 'min_durration'; did you mean 'min_duration'?*"]
+
+
+def _unknown_yaml_key(p: HarnessProject) -> list[str]:
+    path = p.model("a", ("Offline",), thresholdz={"require_valid": True})
+    return [f"*{path}: invalid benchmark case*", "*thresholdz: unknown key*"]
+
+
+def _missing_dataset(p: HarnessProject) -> list[str]:
+    p.model("a", ("Offline",), dataset="../data/missing.json")
+    return ["*dataset file '*/data/missing.json' does not exist; set dataset.path*"]
+
+
+def _wrong_columns(p: HarnessProject) -> list[str]:
+    (p.path / "data" / "cols.json").write_text(json.dumps([{"prompt": "x", "tokens": [1, 2]}]))
+    p.model("a", ("Offline",), dataset="../data/cols.json")
+    return ["*cols.json: missing column(s) [[]'tok_input', 'output'[]]*set dataset.tok_input_column*"]
+
+
+def _bad_thresholds(p: HarnessProject) -> list[str]:
+    path = p.path / "thresholds.yaml"
+    path.write_text("a:\n  max_ttft_p99_msec: 100\n")
+    return [f"*{path}: a: unknown threshold(s) [[]'max_ttft_p99_msec'[]]; known: *"]
+
+
+BAD_INPUT: dict[str, tuple[Callable[[HarnessProject], list[str]], tuple[str, ...], bool]] = {
+    # row → (make the project, extra pytest args, usage error (else a failed test))
+    "bad_user_conf_line": (_bad_user_conf, (), True),
+    "unknown_model_yaml_key": (_unknown_yaml_key, (), True),
+    "missing_dataset": (_missing_dataset, (), False),
+    "wrong_columns": (_wrong_columns, (), False),
+    "bad_thresholds_file": (_bad_thresholds, ("--harness-thresholds=thresholds.yaml",), True),
+}
+
+
+@pytest.mark.parametrize("row", list(BAD_INPUT))
+def test_bad_input_is_named_and_starts_no_engine(harness_project: HarnessProject, row: str) -> None:
+    make, args, usage_error = BAD_INPUT[row]
+    if row not in ("unknown_model_yaml_key", "missing_dataset", "wrong_columns"):
+        harness_project.model("a", ("Offline",))
+    expected = make(harness_project)
+    result = harness_project.run(*args)
+    if usage_error:
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+        result.stderr.fnmatch_lines(expected)
+        assert "Traceback" not in result.stderr.str()
+        assert harness_project.session_dirs() == []
+    else:
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(expected)
+        r = BenchmarkResult.load(only_session(harness_project) / "a_offline" / "result.yaml")
+        assert r.status == "ERROR"
+    assert not list(harness_project.path.rglob("engine.log"))
+
+
+# -- MLflow, collectors, deadlines, security -------------------------------------------------------
+SECRET = "sekrit-fault-matrix-4711"
+
+
+def files_containing(root: Path, needle: str) -> list[Path]:
+    data = needle.encode()
+    return [p for p in root.rglob("*") if p.is_file() and data in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_mlflow_unreachable_and_no_secret_written(
+    harness_project: HarnessProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live logging to a closed port, with an API key (the simulator ignores auth) and MLflow
+    credentials set: the benchmark passes, one warning says how to upload later, and no written
+    file, JUnit report or terminal line holds a secret. Uploading later to a live server:
+    tests/test_mlflow.py::test_live_logging_unreachable_server_keeps_the_benchmark."""
+    if importlib.util.find_spec("mlflow") is None:  # not imported here: the pytest run imports it
+        pytest.skip("mlflow is not installed (extra: mlflow)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_USERNAME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRET + "-token")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET + "-password")
+    monkeypatch.setenv("HARNESS_TEST_API_KEY", SECRET + "-api-key")
+    harness_project.model("a", ("Offline",))
+    t0 = time.monotonic()
+    result = harness_project.run(
+        "--junitxml=junit.xml",
+        "--harness-api-key-env=HARNESS_TEST_API_KEY",
+        f"--harness-mlflow-uri=http://bob:{SECRET}-url@127.0.0.1:{closed}",
+        *DEADLINES,
+    )
+    assert time.monotonic() - t0 < 60
+    result.assert_outcomes(passed=1)
+    warnings = [line for line in result.outlines if "MLflow live logging" in line]
+    assert len(warnings) == 1, result.outlines
+    session = only_session(harness_project)
+    upload = shlex.split(warnings[0].split("Upload them later with: ", 1)[1])
+    assert "--results-dir" in upload and str(session) in upload
+    assert (session / "a_offline" / "result.yaml").is_file()
+
+    assert files_containing(harness_project.path, SECRET) == []
+    assert SECRET not in result.stdout.str() + result.stderr.str()
+    md = yaml.safe_load((session / "a_offline" / "metadata.yaml").read_text())
+    assert md["mlflow"]["tracking_uri"] == f"http://***@127.0.0.1:{closed}"
+
+    # The printed command runs as given (a dry run here: nothing listens; see the docstring).
+    r = subprocess.run([*upload, "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a_offline" in r.stdout and SECRET not in r.stdout + r.stderr
+
+
+FAILING_COLLECTORS_CONFTEST = """
+import sys
+import types
+
+import harness_fixtures.telemetry as telemetry
+from harness_fixtures.metrics import PrometheusCollector
+
+
+class NotFoundMetrics(PrometheusCollector):
+    def __init__(self, url, *args, **kwargs):
+        super().__init__(url, *args, **kwargs)
+        self.url = url.rstrip("/") + "/no-such-metrics"  # the engine answers 404
+
+
+telemetry.PrometheusCollector = NotFoundMetrics
+
+
+class NVMLError(Exception):
+    def __init__(self, value):
+        super().__init__(f"NVML error {value}")
+        self.value = value
+
+
+def gpu_is_lost(handle):
+    raise NVMLError(15)  # NVML_ERROR_GPU_IS_LOST
+
+
+nvml = types.ModuleType("pynvml")
+nvml.NVMLError = NVMLError
+nvml.NVML_ERROR_NOT_SUPPORTED = 3
+nvml.NVML_ERROR_FUNCTION_NOT_FOUND = 13
+nvml.nvmlInit = lambda: None
+nvml.nvmlShutdown = lambda: None
+nvml.nvmlDeviceGetCount = lambda: 1
+nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+nvml.nvmlDeviceGetUtilizationRates = gpu_is_lost
+nvml.nvmlDeviceGetCurrentClocksEventReasons = gpu_is_lost
+sys.modules["pynvml"] = nvml
+"""
+
+
+@pytest.mark.slow
+def test_collector_failure_is_reported_and_the_benchmark_passes(harness_project: HarnessProject) -> None:
+    harness_project.model("a", ("Offline",))
+    harness_project.pytester.makeconftest(FAILING_COLLECTORS_CONFTEST)
+    result = harness_project.run(*DEADLINES)
+    result.assert_outcomes(passed=1)
+    test_dir = only_session(harness_project) / "a_offline"
+    r = BenchmarkResult.load(test_dir / "result.yaml")
+    assert r.status == "VALID" and r.queries.failed == 0
+    collectors = r.telemetry["collectors"]
+    assert collectors["engine"].startswith("failed (") and "HTTP 404" in collectors["engine"], collectors
+    assert collectors["gpu"].startswith("failed (") and "NVML error 15" in collectors["gpu"], collectors
+    assert collectors["host"] == "ok"
+    assert "no-such-metrics" in (test_dir / "harness.log").read_text()
+
+
+def test_deadline_defaults_fit_llm_runs(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--help")
+    help_text = re.sub(r"\s+", " ", result.stdout.str())
+    assert (
+        "--harness-request-timeout-s=HARNESS_REQUEST_TIMEOUT_S Per-request deadline (s). Default: 600."
+        in help_text
+    )
+    assert (
+        "--harness-test-timeout-s=HARNESS_TEST_TIMEOUT_S Per-test deadline (s). Default: 7200." in help_text
+    )
+
+
+def test_engines_bind_loopback(start_sim: Callable[..., Any]) -> None:
+    from harness_fixtures.config import EngineSpec
+
+    assert EngineSpec(kind="vllm").host == "127.0.0.1"
+    endpoint, _ = start_sim()
+    assert endpoint.argv[endpoint.argv.index("--host") + 1] == "127.0.0.1"
+    listening = [
+        c.laddr for c in psutil.Process(endpoint.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN
+    ]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+def test_no_unsafe_yaml_or_shell() -> None:
+    sources = [*(ROOT / "harness_fixtures").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]
+    bad = re.compile(
+        r"yaml\.load\(|unsafe_load|yaml\.(Full|Unsafe)?Loader\b|shell\s*=\s*True|os\.system\(|os\.popen\("
+    )
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in sources
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if bad.search(line)
+    ]
+    assert hits == []
