@@ -553,6 +553,12 @@ def test_plots_written_against_time(tmp_path: Path) -> None:
     # x is time, not sample number: the engine lines span the run's 14.5 s.
     xs = list(figs["engine"].axes[0].lines[0].get_xdata())  # type: ignore[arg-type]
     assert xs[0] == 0.0 and xs[-1] == 14.5
+    # A panel with data never also says its data is missing.
+    for name, fig in figs.items():
+        for ax in fig.axes:
+            if ax.lines:
+                texts = [t.get_text() for t in ax.texts]
+                assert not any("not reported" in t for t in texts), (name, ax.get_title(), texts)
 
     paths = write_plots(tmp_path, samples, requests)
     assert sorted(p.name for p in paths) == [

@@ -386,6 +386,7 @@ def _plot_series(
                 continue
             lab = label if len(sources) == 1 else f"{src}: {label}"
             ax.plot(ts, [v * scale for v in vs], label=lab, **style)
+            drawn = True
     return drawn
 
 
