@@ -1,10 +1,11 @@
-"""Streaming OpenAI-compatible client: one asyncio + aiohttp event loop on its own thread.
+"""Streaming OpenAI-compatible client: one asyncio event loop (uvloop when available) on its own thread.
 
 FACTS.md §3 measured this as the best single-process design: callers hand work over with
 ``submit`` (thread-safe, returns at once) and get ``on_first_token`` / ``on_complete`` callbacks on
 the loop thread with the timestamps the loop observed. Token ids come from the server's per-chunk
 ``token_ids`` (vLLM's ``return_token_ids``); a request that fails is reported with an error and no
-tokens — never with made-up ones.
+tokens — never with made-up ones. HTTP goes through :mod:`harness_fixtures.http_stream`, which parses
+SSE events inside the protocol callback (half the CPU per request of aiohttp's stream reader).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+from .http_stream import ConnectionPool, HttpError, RequestTimeout, Response
 
-# A generous per-connection read buffer: aiohttp's 64 KiB default throttles long streams (vllm#39963).
-READ_BUFSIZE = 4 * 1024 * 1024
+# The fast path of a token chunk: vLLM's compact JSON puts each choice's ids after this key.
+_TOKEN_IDS = b'"token_ids":['
+_FINISH = b'"finish_reason":'
 
 
 @dataclass
@@ -82,17 +84,18 @@ class StreamingClient:
         self._on_complete = on_complete
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
+        self._bodies: dict[int, bytes] = {}  # encoded request body per sample (Server re-sends samples)
         self._ready = threading.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self.records: list[RequestRecord] = []
         self.failed = 0
         self.first_error: str | None = None
-        path = "/v1/completions" if config.api == "completions" else "/v1/chat/completions"
-        self._url = config.base_url.rstrip("/") + path
-        self._headers = {"Content-Type": "application/json"}
+        self._path = "/v1/completions" if config.api == "completions" else "/v1/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if config.api_key:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
+        self._head = b""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,12 +117,8 @@ class StreamingClient:
         self._loop.run_forever()
 
     async def _open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=None)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            read_bufsize=READ_BUFSIZE,
-            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s),
-        )
+        self._pool = ConnectionPool(self.config.base_url, limit=self.config.max_connections)
+        self._head = self._pool.request_head(self._path, self._headers)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._loop is None or self._thread is None:
@@ -135,13 +134,16 @@ class StreamingClient:
             task.cancel()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     # -- work ------------------------------------------------------------------------------------
-    def submit(self, items: list[tuple[int, int]]) -> None:
-        """Hand (query_id, sample_index) pairs to the loop; returns immediately (LoadGen's thread)."""
-        issued = time.monotonic_ns()
+    def submit(self, items: list[tuple[int, int]], issued_ns: int | None = None) -> None:
+        """Hand (query_id, sample_index) pairs to the loop; returns immediately (LoadGen's thread).
+
+        ``issued_ns`` (time.monotonic_ns) is when LoadGen issued them; default: now.
+        """
+        issued = time.monotonic_ns() if issued_ns is None else issued_ns
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._dispatch, items, issued)
 
@@ -161,6 +163,12 @@ class StreamingClient:
         fut = asyncio.run_coroutine_threadsafe(self._request(rec, report=False), self._loop)
         fut.result(timeout_s)
         return rec
+
+    def prewarm(self, connections: int, timeout_s: float = 30.0) -> int:
+        """Open up to ``connections`` keep-alive connections before the run; returns how many are idle."""
+        assert self._loop is not None and self._pool is not None
+        fut = asyncio.run_coroutine_threadsafe(self._pool.prewarm(connections, timeout_s), self._loop)
+        return fut.result(timeout_s + 5)
 
     def _payload(self, prompt: list[int] | str) -> dict[str, Any]:
         c = self.config
@@ -186,25 +194,33 @@ class StreamingClient:
         body.update(c.extra_body)
         return body
 
+    def _body(self, sample_index: int) -> bytes:
+        body = self._bodies.get(sample_index)
+        if body is None:
+            body = json.dumps(self._payload(self._prompts[sample_index])).encode()
+            self._bodies[sample_index] = body
+        return body
+
     async def _request(self, rec: RequestRecord, report: bool = True) -> None:
-        assert self._session is not None
-        payload = json.dumps(self._payload(self._prompts[rec.sample_index]))
+        assert self._pool is not None
+        body = self._body(rec.sample_index)
+        stream = _SseStream(self, rec, report)
         try:
             rec.sent_ns = time.monotonic_ns()
-            async with self._session.post(self._url, data=payload, headers=self._headers) as resp:
-                rec.server_request_id = resp.headers.get("X-Request-Id")
-                if resp.status != 200:
-                    body = (await resp.text())[:300]
-                    raise _RequestFailed(f"HTTP {resp.status}: {body}")
-                await self._read_stream(resp, rec, report)
+            resp = await self._pool.post(
+                self._head, body, stream.feed, self.config.request_timeout_s, stream.head
+            )
+            if resp.status != 200:
+                raise _RequestFailed(f"HTTP {resp.status}: {resp.body[:300].decode(errors='replace')}")
+            stream.finish()
             rec.status = "ok"
         except asyncio.CancelledError:
             rec.status, rec.error = "error", "cancelled (client stopped before the answer finished)"
         except _RequestFailed as exc:
             rec.status, rec.error = "error", str(exc)
-        except asyncio.TimeoutError:
-            rec.status, rec.error = "error", f"timeout after {self.config.request_timeout_s:g} s"
-        except aiohttp.ClientError as exc:
+        except RequestTimeout as exc:
+            rec.status, rec.error = "error", str(exc)
+        except HttpError as exc:
             rec.status, rec.error = "error", f"{type(exc).__name__}: {exc}"
         except Exception as exc:
             rec.status, rec.error = "error", f"{type(exc).__name__}: {exc}"
@@ -218,41 +234,81 @@ class StreamingClient:
         if report:
             self._on_complete(rec)
 
-    async def _read_stream(self, resp: aiohttp.ClientResponse, rec: RequestRecord, report: bool) -> None:
-        done = False
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line or not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                done = True
-                break
-            try:
-                chunk = json.loads(data)
-            except json.JSONDecodeError:
-                raise _RequestFailed(f"malformed SSE data: {data[:200]!r}") from None
-            if "error" in chunk:
-                raise _RequestFailed(f"server error in stream: {json.dumps(chunk['error'])[:300]}")
-            usage = chunk.get("usage")
-            if usage:
-                rec.usage_tokens = usage.get("completion_tokens")
-            for choice in chunk.get("choices") or ():
-                ids = choice.get("token_ids")
-                if ids is None:
-                    ids = (choice.get("delta") or {}).get("token_ids")
-                if ids:
-                    if not rec.token_ids:
-                        rec.first_token_ns = time.monotonic_ns()
-                        rec.first_token_id = ids[0]
-                        rec.token_ids = list(ids)
-                        if report:
-                            self._on_first_token(rec)
-                    else:
-                        rec.token_ids.extend(ids)
-                if choice.get("finish_reason"):
-                    rec.finish_reason = choice["finish_reason"]
-        if not done:
+
+class _SseStream:
+    """Server-sent events of one answer, parsed as the bytes arrive (inside the protocol callback)."""
+
+    __slots__ = ("buf", "client", "done", "rec", "report")
+
+    def __init__(self, client: StreamingClient, rec: RequestRecord, report: bool) -> None:
+        self.client, self.rec, self.report = client, rec, report
+        self.buf = b""
+        self.done = False
+
+    def head(self, resp: Response) -> None:
+        self.rec.server_request_id = resp.headers.get("x-request-id")
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        buf = self.buf + data if self.buf else data
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            line = buf[start:nl]
+            start = nl + 1
+            if line.startswith(b"data:") and self._event(line[5:].strip()):
+                self.done = True
+                self.buf = b""
+                return
+        self.buf = buf[start:]
+
+    def _event(self, data: bytes) -> bool:
+        """One ``data:`` payload; True at ``[DONE]``. Raises _RequestFailed for an error or bad JSON."""
+        if data == b"[DONE]":
+            return True
+        fast = _token_chunk(data)
+        if fast is not None:
+            ids, finish = fast
+            if ids:
+                self._tokens(ids)
+            if finish:
+                self.rec.finish_reason = finish
+            return False
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError:
+            raise _RequestFailed(f"malformed SSE data: {data[:200]!r}") from None
+        if "error" in chunk:
+            raise _RequestFailed(f"server error in stream: {json.dumps(chunk['error'])[:300]}")
+        rec = self.rec
+        usage = chunk.get("usage")
+        if usage:
+            rec.usage_tokens = usage.get("completion_tokens")
+        for choice in chunk.get("choices") or ():
+            got: list[int] | None = choice.get("token_ids")
+            if got is None:
+                got = (choice.get("delta") or {}).get("token_ids")
+            if got:
+                self._tokens(got)
+            if choice.get("finish_reason"):
+                rec.finish_reason = choice["finish_reason"]
+        return False
+
+    def _tokens(self, ids: list[int]) -> None:
+        rec = self.rec
+        if not rec.token_ids:
+            rec.first_token_ns = time.monotonic_ns()
+            rec.first_token_id = ids[0]
+            rec.token_ids = list(ids)
+            if self.report:
+                self.client._on_first_token(rec)
+        else:
+            rec.token_ids.extend(ids)
+
+    def finish(self) -> None:
+        """The response ended: it must have carried [DONE] and token ids that agree with usage."""
+        rec = self.rec
+        if not self.done:
             raise _RequestFailed(
                 f"stream ended without [DONE] after {len(rec.token_ids)} tokens (truncated response)"
             )
@@ -266,6 +322,38 @@ class StreamingClient:
                 f"stream carried {len(rec.token_ids)} token ids but usage says {rec.usage_tokens}"
             )
         rec.n_tokens = len(rec.token_ids)
+
+
+def _token_chunk(data: bytes) -> tuple[list[int], str | None] | None:
+    """(token ids, finish_reason) of an ordinary one-choice token chunk in compact JSON, else None.
+
+    Most chunks of a stream are exactly that; json.loads costs ~4x more than these byte searches.
+    Anything else (usage, errors, several choices, other spacing) returns None and is parsed in full.
+    A key can't be faked by text: quotes inside JSON strings are escaped.
+    """
+    i = data.find(_TOKEN_IDS)
+    if i < 0 or b'"usage"' in data or b'"error"' in data or data.count(b'"index":') > 1:
+        return None
+    i += len(_TOKEN_IDS)
+    j = data.find(b"]", i)
+    if j < 0 or data.find(_TOKEN_IDS, j) >= 0:
+        return None
+    try:
+        ids = [int(x) for x in data[i:j].split(b",")] if j > i else []
+    except ValueError:
+        return None
+    finish: str | None = None
+    k = data.find(_FINISH)
+    if k >= 0:
+        k += len(_FINISH)
+        if data.startswith(b'"', k):
+            end = data.find(b'"', k + 1)
+            if end < 0:
+                return None
+            finish = data[k + 1 : end].decode()
+        elif not data.startswith(b"null", k):
+            return None
+    return ids, finish
 
 
 class _RequestFailed(Exception):

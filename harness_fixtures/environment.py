@@ -109,7 +109,7 @@ def gpus() -> tuple[list[dict[str, Any]], str]:
         if reason is not None:
             return [], f"unavailable ({reason})"
         info = nv.gpu_info()
-    except Exception as exc:  # noqa: BLE001 - metadata capture must never fail a run
+    except Exception as exc:
         return [], f"unavailable ({type(exc).__name__}: {exc})"
     return info, "ok" if info else "unavailable (NVML reports no GPU)"
 

@@ -7,11 +7,13 @@ fixtures. Results flow one way: test → ``user_properties`` → controller's
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ import pytest
 from . import hookspecs
 from .accuracy_run import AccuracyRunError, score_run
 from .benchmark import RunOptions, build_result, read_requests, run_benchmark
-from .config import BenchmarkCase, ConfigError, load_cases
+from .config import LOADGEN_SCENARIO, BenchmarkCase, ConfigError, load_cases
 from .dataset import DatasetError, load_dataset
 from .environment import capture as capture_environment
 from .environment import redact_argv, scrub_url_credentials
@@ -35,6 +37,7 @@ from .gating import (
     apply_overrides,
     baseline_entry,
     check_accuracy,
+    check_client_bound,
     check_consistency,
     check_thresholds,
     compare_baseline,
@@ -42,7 +45,8 @@ from .gating import (
     load_threshold_overrides,
     save_baseline,
 )
-from .results import BenchmarkResult, write_yaml
+from .progress import RunProgress, expected_queries
+from .results import BenchmarkResult, MllogError, latency_limits, parse_mllog, write_yaml
 from .servers import LAUNCHERS, Endpoint, EngineError, LaunchContext
 from .telemetry import TestTelemetry
 from .userconf import UserConfError, parse_user_conf
@@ -66,6 +70,7 @@ class HarnessState:
     baseline_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    write_errors: list[str] = field(default_factory=list)  # result files that could not be written
 
 
 STATE = pytest.StashKey[HarnessState]()
@@ -111,7 +116,37 @@ _OPTIONS: list[tuple[str, dict[str, Any], str, str | None]] = [
         "Skip (not fail) tests whose model or dataset is missing.",
         None,
     ),
+    (
+        "client-workers",
+        {},
+        "Client processes sending requests: 'auto' (one in-process client up to 400 QPS, then "
+        "ceil(QPS/400) worker processes, at most cores-1) or a number (1: the in-process client).",
+        "auto",
+    ),
+    (
+        "allow-client-bound",
+        {"action": "store_true"},
+        "Do not fail a run whose client was the bottleneck (dispatch lag p99 > 10 ms, achieved < 95 "
+        "percent of scheduled QPS, or a client process CPU-saturated); it is still reported.",
+        None,
+    ),
 ]
+
+
+def _client_workers(config: pytest.Config) -> int | None:
+    """``--harness-client-workers``: None for auto, else a count >= 1."""
+    value = _opt(config, "client-workers")
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise pytest.UsageError(
+            f"--harness-client-workers / ini harness_client_workers: {value!r} is not 'auto' or a count >= 1"
+        )
+    return n
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -201,10 +236,15 @@ def pytest_configure(config: pytest.Config) -> None:
         v = _float_opt(config, name)
         if v is not None and v <= 0:
             raise pytest.UsageError(f"--harness-{name} must be > 0, got {v!r}")
+    _client_workers(config)
     if hasattr(config, "workerinput"):
         sd = config.workerinput.get("harness_session_dir")
         state.session_dir = Path(sd) if sd else None
     else:
+        if config.getoption("harness_output_dir") is not None:
+            # Asked for on the command line: say now if it is unusable (ini values: once harness
+            # tests are selected, see HarnessReporter.pytest_collection_modifyitems).
+            _check_output_root(_output_root(config))
         config.pluginmanager.register(HarnessReporter(config), "harness-reporter")
         mlflow_uri = _opt(config, "mlflow-uri") or os.environ.get("MLFLOW_TRACKING_URI")
         if mlflow_uri:
@@ -216,31 +256,54 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist: workers write into the controller's session folder (created lazily by the controller)."""
+    """xdist: workers write into the controller's session folder (claimed here, by the controller)."""
     state = node.config.stash[STATE]
     node.workerinput["harness_session_dir"] = str(_session_dir(node.config, state))
+
+
+def _output_root(config: pytest.Config) -> Path:
+    return _path_opt(config, "output-dir") or Path("harness_output").resolve()
+
+
+def _check_output_root(root: Path) -> None:
+    """UsageError unless ``root`` is, or can be created as, a writable folder; creates nothing."""
+    fix = "pass --harness-output-dir DIR (a writable folder) or set the harness_output_dir ini key"
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    what = "" if existing == root else f"cannot be created: {str(existing)!r} "
+    if not existing.is_dir():
+        raise pytest.UsageError(f"output dir {str(root)!r} {what}is not a directory; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise pytest.UsageError(f"output dir {str(root)!r} {what}is not writable; {fix}")
 
 
 def _session_dir(config: pytest.Config, state: HarnessState) -> Path:
     """A new folder per session, never an earlier one's (so nothing is overwritten).
 
-    Planned once on the controller (xdist workers receive the same path) and created on first use.
+    Claimed once on the controller with an atomic mkdir, so two sessions started in the same second
+    get different folders; xdist workers receive its path.
     """
     if state.session_dir is not None:
         return state.session_dir
-    root = _path_opt(config, "output-dir") or Path("harness_output").resolve()
+    root = _output_root(config)
+    _check_output_root(root)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         root.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while True:
+            candidate = root / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                candidate.mkdir()
+                break
+            except FileExistsError:
+                n += 1
     except OSError as exc:
         raise pytest.UsageError(
-            f"cannot create output dir {str(root)!r}: {exc.strerror}; pass --harness-output-dir DIR"
+            f"cannot create a session folder in output dir {str(root)!r}: {exc.strerror}; "
+            "pass --harness-output-dir DIR (a writable folder)"
         ) from None
-    if not os.access(root, os.W_OK):
-        raise pytest.UsageError(f"output dir {str(root)!r} is not writable; pass --harness-output-dir DIR")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    n = 0
-    while (candidate := root / (stamp if n == 0 else f"{stamp}-{n}")).exists():
-        n += 1
     state.session_dir = candidate
     return candidate
 
@@ -259,7 +322,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for case in state.cases:
         runs = [(scenario, global_mode) for scenario in case.scenarios]
-        if case.accuracy is not None:
+        if case.accuracy is not None and (case.accuracy.scenario, "accuracy") not in runs:
+            # --harness-mode accuracy already runs that scenario in AccuracyOnly, under the same id
             runs.append((case.accuracy.scenario, "accuracy"))
         for scenario, mode in runs:
             params.append(
@@ -274,6 +338,31 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 # -- engines -------------------------------------------------------------------------------------
+class _LiveProgress:
+    """RunProgress with pytest's output capture suspended while the run is live."""
+
+    def __init__(self, config: pytest.Config, progress: RunProgress) -> None:
+        self.config = config
+        self.p = progress
+
+    def tick(self, elapsed_s: float) -> None:
+        self.p.stream = sys.stdout  # capture swaps sys.stdout; write to whatever is live now
+        self.p.tick(elapsed_s)
+
+    @contextlib.contextmanager
+    def live(self) -> Iterator[None]:
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            tr = self.config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None:
+                tr.write_line("")
+            try:
+                yield
+            finally:
+                self.p.stream = sys.stdout
+                self.p.close()
+
+
 def _progress(config: pytest.Config, message: str) -> None:
     """A line on the terminal now, even while pytest captures output (engine starts take minutes)."""
     tr = config.pluginmanager.get_plugin("terminalreporter")
@@ -466,6 +555,7 @@ class HarnessBenchmark:
             request_timeout_s=_float_opt(c, "request-timeout-s") or 600.0,
             test_timeout_s=_float_opt(c, "test-timeout-s") or 7200.0,
             api_key_env=_opt(c, "api-key-env"),
+            client_workers=_client_workers(c),
         )
 
     def run(self) -> BenchmarkResult:
@@ -501,20 +591,23 @@ class HarnessBenchmark:
             # The engine did not start (or died earlier): still a result, like any other failed test.
             self._emit(self._error_result(str(exc.msg)), None, started)
             raise
-        log.info("running %s against %s (%s)", case.test_id(scenario), endpoint.base_url, endpoint.kind)
+        log.info("running %s against %s (%s)", self.test_id, endpoint.base_url, endpoint.kind)
         telemetry = TestTelemetry(endpoint.base_url, endpoint.headers)
         t0_ns = time.monotonic_ns()
+        progress = self._progress(opts, dataset)
         try:
-            result = run_benchmark(
-                case,
-                scenario,
-                endpoint,
-                opts,
-                self.test_dir,
-                dataset_path,
-                t0_ns=t0_ns,
-                on_start=lambda pid: telemetry.start(t0_ns, pid),
-            )
+            with progress.live() if progress else contextlib.nullcontext():
+                result = run_benchmark(
+                    case,
+                    scenario,
+                    endpoint,
+                    opts,
+                    self.test_dir,
+                    dataset_path,
+                    t0_ns=t0_ns,
+                    on_start=lambda pid: telemetry.start(t0_ns, pid),
+                    on_tick=progress.tick if progress else None,
+                )
         except KeyboardInterrupt:
             telemetry.stop()
             result = build_result(
@@ -528,10 +621,12 @@ class HarnessBenchmark:
                 time.time() - started,
                 endpoint.alive(),
             )
+            result.test_id = self.test_id
             self._attach_telemetry(result, telemetry)
             self._emit(result, endpoint, started, write_now=True)
             raise
         telemetry.stop()
+        result.test_id = self.test_id  # build_result knows the scenario only: "<model>_accuracy" is ours
         self._attach_telemetry(result, telemetry)
         if self.mode == "accuracy" and result.status in ("VALID", "INVALID"):
             try:
@@ -553,6 +648,11 @@ class HarnessBenchmark:
         if self.mode == "performance" and result.status == "INVALID" and not t.require_valid:
             violations = [v for v in violations if v.source != "validity"]
         violations += check_consistency(result.consistency)
+        if self.mode == "performance":
+            bound = check_client_bound(data)
+            result.client["client_bound"] = [v.message for v in bound]
+            if not _opt(self.config, "allow-client-bound"):
+                violations += bound
         if self.mode == "accuracy":
             acc = result.accuracy
             if "error" in acc:
@@ -578,9 +678,38 @@ class HarnessBenchmark:
             result.baseline = {"path": str(state.baseline_path), "warnings": warnings, "rows": rows}
         result.gate = [v.model_dump() for v in violations]
 
+    def _progress(self, opts: RunOptions, dataset: Any) -> _LiveProgress | None:
+        """Live progress only on a terminal, never in CI logs or from xdist workers."""
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if (
+            tr is None
+            or not getattr(tr, "isatty", False)
+            or os.environ.get("CI")
+            or hasattr(self.config, "workerinput")
+        ):
+            return None
+        try:
+            entries = parse_user_conf(opts.user_conf)
+        except UserConfError:
+            entries = []
+        n = min(len(dataset), opts.sample_count) if opts.sample_count else len(dataset)
+        lg_scenario = LOADGEN_SCENARIO[self.scenario]
+        lg_model = self.case.loadgen_model[self.scenario]  # type: ignore[index]
+        expected = n if self.mode == "accuracy" else expected_queries(entries, lg_model, lg_scenario, n)
+        return _LiveProgress(
+            self.config, RunProgress(self.test_id, self.test_dir / "requests.jsonl", expected, sys.stdout)
+        )
+
     def _attach_telemetry(self, result: BenchmarkResult, telemetry: TestTelemetry) -> None:
         requests = read_requests(self.test_dir / "requests.jsonl")
-        result.telemetry = telemetry.finish(self.test_dir, requests, result.queries.output_tokens)
+        try:
+            values, _ = parse_mllog(self.test_dir / "mlperf" / "mlperf_log_detail.txt")
+        except (MllogError, OSError):
+            values = {}  # LoadGen did not run or crashed: the CDFs are drawn without limits
+        limits_ms, target_pct = latency_limits(values)
+        result.telemetry = telemetry.finish(
+            self.test_dir, requests, result.queries.output_tokens, limits_ms, target_pct
+        )
         for key in ("timeline",):
             if key in result.telemetry:
                 result.paths[key] = result.telemetry[key]
@@ -686,6 +815,13 @@ class HarnessReporter:
         self.config = config
         self.state = config.stash[STATE]
 
+    @pytest.hookimpl(trylast=True)  # after -k/-m deselection
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        """Claim the session folder once harness tests are selected: an unusable output dir is then
+        a usage error before any engine starts, not an error in every test."""
+        if not config.option.collectonly and any(i.get_closest_marker("harness_benchmark") for i in items):
+            _session_dir(config, self.state)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Turn the test's result property into the hook call and compact JUnit properties."""
@@ -716,32 +852,60 @@ class HarnessReporter:
     ) -> None:
         """The plugin's own writer: result.yaml + metadata.yaml."""
         out = metadata["outputs"]
-        write_yaml(Path(out["result"]), result)
-        write_yaml(Path(out["metadata"]), metadata)
+        for key, data in (("result", result), ("metadata", metadata)):
+            try:
+                write_yaml(Path(out[key]), data)
+            except OSError as exc:
+                # A full or failing disk must not end the session in an INTERNALERROR traceback.
+                self._write_error(Path(out[key]), exc)
         self.state.results.append({"nodeid": item_id, **result})
         self.state.baseline_entries[result["test_id"]] = baseline_entry(result, metadata)
         self.state.hardware = hardware_of(metadata)
+
+    def _write_error(self, path: Path, exc: OSError) -> None:
+        message = (
+            f"cannot write {path}: {exc.strerror or exc}; free space on that disk or pass "
+            "--harness-output-dir DIR"
+        )
+        log.error("%s", message)
+        self.state.write_errors.append(message)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         state = self.state
         save = _path_opt(self.config, "save-baseline")
         if save is not None and state.baseline_entries:
             save_baseline(save, state.baseline_entries, state.hardware)
-        if not state.results or state.session_dir is None:
-            return
-        write_yaml(
-            state.session_dir / "session.yaml",
-            {
-                "schema_version": 1,
-                "started_utc": dt.datetime.fromtimestamp(state.started, dt.timezone.utc).isoformat(),
-                "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
-                "command_line": list(self.config.invocation_params.args),
-                "results": state.results,
-            },
-        )
+        if state.session_dir is not None and not state.results:
+            with contextlib.suppress(OSError):
+                state.session_dir.rmdir()  # claimed but unused (e.g. all tests skipped); only if empty
+        if state.results and state.session_dir is not None:
+            path = state.session_dir / "session.yaml"
+            key_env = _opt(self.config, "api-key-env")
+            secrets = [os.environ.get(key_env, "")] if key_env else []
+            try:
+                write_yaml(
+                    path,
+                    {
+                        "schema_version": 1,
+                        "started_utc": dt.datetime.fromtimestamp(state.started, dt.timezone.utc).isoformat(),
+                        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                        # as in metadata.yaml: no API key value, no credentials in URLs
+                        "command_line": redact_argv(list(self.config.invocation_params.args), secrets),
+                        "results": state.results,
+                    },
+                )
+            except OSError as exc:
+                self._write_error(path, exc)
+            from .metrics.plots import write_session_summary  # lazily: the plugin loads in every run
+
+            write_session_summary(state.session_dir / "summary.png", state.results)
+        if state.write_errors and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # results were lost: not a green run
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         state = self.state
+        for message in state.write_errors:
+            terminalreporter.write_line(f"harness: {message}", red=True)
         if not state.results:
             return
         tr = terminalreporter
@@ -787,6 +951,8 @@ class HarnessReporter:
                     tr.write_line(f"  warning: {w}", yellow=True)
         if state.session_dir is not None:
             tr.write_line(f"session results: {state.session_dir / 'session.yaml'}")
+            if (state.session_dir / "summary.png").is_file():
+                tr.write_line(f"session summary figure: {state.session_dir / 'summary.png'}")
 
 
 def _mlflow_settings(config: pytest.Config) -> dict[str, Any] | None:

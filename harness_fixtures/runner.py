@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from .client import ClientConfig, RequestRecord, StreamingClient
 from .config import DatasetSpec, GenerationSpec
 from .dataset import load_dataset
+from .fanout import CpuSampler, FanoutClient, auto_workers, prewarm_connections
 from .userconf import parse_user_conf
 
 
@@ -87,6 +89,10 @@ class _RequestLog:
                 self._fh.flush()
                 self._last_flush = now
 
+    def flush(self) -> None:
+        with self._lock:
+            self._fh.flush()
+
     def close(self) -> None:
         with self._lock:
             self._fh.close()
@@ -107,6 +113,37 @@ def _apply_overrides(lg: Any, settings: Any, spec: RunSpec) -> None:
         settings.min_query_count = spec.min_query_count
 
 
+def load_prompts(spec: RunSpec) -> list[list[int] | str]:
+    """What is sent per sample index: token ids (completions) or the input text (chat)."""
+    ds = load_dataset(spec.dataset, Path(spec.dataset_path))
+    n_samples = min(len(ds), spec.sample_count) if spec.sample_count else len(ds)
+    prompts: list[list[int] | str] = []
+    prompts.extend(
+        ds.tok_inputs[:n_samples] if spec.generation.api == "completions" else ds.inputs[:n_samples]
+    )
+    return prompts
+
+
+def client_config(spec: RunSpec) -> ClientConfig:
+    gen = spec.generation
+    return ClientConfig(
+        base_url=spec.base_url,
+        served_model=spec.served_model,
+        api=gen.api,
+        max_tokens=gen.max_tokens,
+        min_tokens=gen.min_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        top_p=gen.top_p,
+        seed=gen.seed,
+        ignore_eos=gen.ignore_eos,
+        extra_body=gen.extra_body,
+        request_timeout_s=spec.request_timeout_s,
+        max_connections=spec.max_connections,
+        api_key=os.environ.get(spec.api_key_env) if spec.api_key_env else None,
+    )
+
+
 def run(spec: RunSpec) -> int:
     import mlperf_loadgen as lg
 
@@ -115,12 +152,8 @@ def run(spec: RunSpec) -> int:
     mlperf_dir.mkdir(parents=True, exist_ok=True)
     t0_ns = spec.t0_monotonic_ns or time.monotonic_ns()
     parse_user_conf(Path(spec.user_conf))  # the parent validated it too; never let LoadGen see typos
-    ds = load_dataset(spec.dataset, Path(spec.dataset_path))
-    n_samples = min(len(ds), spec.sample_count) if spec.sample_count else len(ds)
-    prompts: list[list[int] | str] = []
-    prompts.extend(
-        ds.tok_inputs[:n_samples] if spec.generation.api == "completions" else ds.inputs[:n_samples]
-    )
+    prompts = load_prompts(spec)
+    n_samples = len(prompts)
 
     settings = lg.TestSettings()
     rc = settings.FromConfig(spec.user_conf, spec.loadgen_model, spec.loadgen_scenario, 1)
@@ -133,8 +166,8 @@ def run(spec: RunSpec) -> int:
     _apply_overrides(lg, settings, spec)
 
     gen = spec.generation
-    api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
     reqlog = _RequestLog(out / "requests.jsonl", t0_ns)
+    unanswered: dict[int, tuple[int, int]] = {}  # query id → (sample index, issued ns) until completed
     # LoadGen reads response buffers during the *Complete call; keep them alive until then.
     keep: dict[int, array.array[int]] = {}
 
@@ -171,6 +204,7 @@ def run(spec: RunSpec) -> int:
                 )
 
     def on_complete(rec: RequestRecord) -> None:
+        unanswered.pop(rec.query_id, None)
         reqlog.write(rec)
         if rec.status == "ok":
             ids = rec.token_ids if gen.first_token_in_complete else rec.token_ids[1:]
@@ -189,29 +223,27 @@ def run(spec: RunSpec) -> int:
         lg.QuerySamplesComplete([resp])
         keep.pop(rec.query_id, None)
         del buf
+        # LoadGen has copied the ids; the record stays in client.records for the whole run, and ~40
+        # bytes per kept token made the runner grow by GBs in long runs (tools/soak.py).
+        rec.token_ids = []
 
-    client = StreamingClient(
-        ClientConfig(
-            base_url=spec.base_url,
-            served_model=spec.served_model,
-            api=gen.api,
-            max_tokens=gen.max_tokens,
-            min_tokens=gen.min_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            seed=gen.seed,
-            ignore_eos=gen.ignore_eos,
-            extra_body=gen.extra_body,
-            request_timeout_s=spec.request_timeout_s,
-            max_connections=spec.max_connections,
-            api_key=api_key,
-        ),
-        prompts,
-        on_first,
-        on_complete,
+    rate = (
+        settings.server_target_qps
+        if spec.loadgen_scenario == "Server"
+        else settings.offline_expected_qps
+        if spec.loadgen_scenario == "Offline"
+        else None
     )
+    workers = spec.client_workers or auto_workers(spec.loadgen_scenario, rate)
+    client: StreamingClient | FanoutClient
+    if workers == 1:
+        client = StreamingClient(client_config(spec), prompts, on_first, on_complete)
+    else:
+        # LoadGen stays here; HTTP streams go to worker processes (harness_fixtures.fanout).
+        client = FanoutClient(spec.model_dump_json(), workers, on_first, on_complete)
+    print(f"client: {workers} worker process(es) for {spec.loadgen_scenario} at {rate} QPS", flush=True)
     client.start()
+    _keep_results_on_sigterm(out, reqlog, client, unanswered)
     warmup: dict[str, Any] = {}
     if spec.warmup:
         w = client.warmup(0, timeout_s=spec.request_timeout_s)
@@ -222,8 +254,20 @@ def run(spec: RunSpec) -> int:
             "latency_s": round((w.done_ns - w.sent_ns) / 1e9, 4),
         }
         print(f"warm-up request: {warmup}", flush=True)
+        want = prewarm_connections(
+            spec.loadgen_scenario,
+            rate,
+            (w.done_ns - w.sent_ns) / 1e9,
+            settings.min_query_count,
+            settings.min_duration_ms / 1000,
+            spec.max_connections,
+        )
+        warmup["connections"] = client.prewarm(want, timeout_s=min(60.0, spec.request_timeout_s))
 
     def issue(samples: list[Any]) -> None:
+        now = time.monotonic_ns()
+        for s in samples:
+            unanswered[s.id] = (s.index, now)
         client.submit([(s.id, s.index) for s in samples])
 
     def flush() -> None:
@@ -237,16 +281,18 @@ def run(spec: RunSpec) -> int:
     log_settings = lg.LogSettings()
     log_settings.log_output = log_out
     log_settings.enable_trace = False
-    start_ns, start_cpu = time.monotonic_ns(), time.process_time()
+    cpu = CpuSampler().start()
+    start_ns = time.monotonic_ns()
     lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
-    end_ns, cpu_s = time.monotonic_ns(), time.process_time() - start_cpu
+    end_ns = time.monotonic_ns()
+    cpu_stats = cpu.stop()
     lg.DestroyQSL(qsl)
     lg.DestroySUT(sut)
     client.stop()
     reqlog.close()
 
     ok = [r for r in client.records if r.status == "ok"]
-    summary = {
+    summary: dict[str, Any] = {
         "t0_monotonic_ns": t0_ns,
         "loadgen_start_s": round((start_ns - t0_ns) / 1e9, 6),
         "loadgen_end_s": round((end_ns - t0_ns) / 1e9, 6),
@@ -258,12 +304,62 @@ def run(spec: RunSpec) -> int:
         "warmup": warmup,
         "consistency": consistency,
         "samples": n_samples,
-        # This process's CPU (all its threads: LoadGen, client loop) over the LoadGen run, % of one core.
-        "cpu_s": round(cpu_s, 3),
-        "cpu_pct": round(100 * cpu_s / max((end_ns - start_ns) / 1e9, 1e-9), 1),
+        "workers": workers,
+        # This process's CPU (all its threads: LoadGen, client loop) over the LoadGen run, % of one
+        # core, sampled each second; with workers, theirs too, and the busiest process's fraction.
+        **cpu_stats,
     }
+    if isinstance(client, FanoutClient):
+        stats = client.worker_stats()
+        summary["worker_processes"] = stats
+        summary["cpu_pct_total"] = round(cpu_stats["cpu_pct"] + sum(w.get("cpu_pct", 0) for w in stats), 1)
+        fractions = [cpu_stats["cpu_bound_fraction"], *(w.get("cpu_bound_fraction") for w in stats)]
+        summary["cpu_bound_fraction"] = max((f for f in fractions if f is not None), default=None)
     (out / "client.json").write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def _keep_results_on_sigterm(
+    out: Path, reqlog: _RequestLog, client: Any, unanswered: dict[int, tuple[int, int]]
+) -> None:
+    """On SIGTERM (the test deadline, or pytest interrupted) write what was measured, then exit.
+
+    LoadGen holds the main thread in C++ for the whole run, where no Python signal handler runs; the
+    signal's wakeup fd wakes a thread instead. Queries issued but not answered are written to
+    requests.jsonl as failed and counted in client.json, so a stopped run still says how many hung.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a handler, so the wakeup fd is written
+    signal.set_wakeup_fd(wfd)
+
+    def watch() -> None:
+        while signal.SIGTERM not in os.read(rfd, 64):
+            pass
+        try:
+            error = "not answered: the runner was stopped (test deadline, or pytest interrupted)"
+            pending = dict(unanswered)
+            for qid, (idx, issued_ns) in pending.items():
+                reqlog.write(RequestRecord(qid, idx, issued_ns, status="error", error=error))
+            reqlog.flush()
+            done = [r for r in list(client.records) if r.status not in ("pending", "running")]
+            ok = [r for r in done if r.status == "ok"]
+            issued = len({r.query_id for r in done} | set(pending))
+            summary = {
+                "issued": issued,
+                "completed": len(ok),
+                "failed": issued - len(ok),
+                "output_tokens": sum(r.n_tokens for r in ok),
+                "first_error": client.first_error or (error if pending else None),
+                "stopped_by": "SIGTERM",
+            }
+            (out / "client.json").write_text(json.dumps(summary, indent=1))
+        finally:
+            os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="harness-sigterm", daemon=True).start()
 
 
 def _noop(_: Any) -> None:

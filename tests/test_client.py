@@ -128,7 +128,7 @@ FAULTS = {
     # The connection closes mid-body (as when an engine dies): the chunked body never completes.
     "truncated": (
         {"truncate_stream_rate": 1.0},
-        ["ClientPayloadError: Response payload is not completed"],
+        ["HttpError: Server disconnected before the response ended (truncated)"],
         True,
     ),
 }
