@@ -207,7 +207,7 @@ class SglangLauncher(ProcessLauncher):
             "-m",
             "sglang.launch_server",
             "--model-path",
-            str(ctx.case.resolve(spec.model)) if _is_path(spec.model) else spec.model,
+            _model_arg(ctx),
             "--host",
             host,
             "--port",
