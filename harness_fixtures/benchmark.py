@@ -288,18 +288,3 @@ def build_result(
         **fields,
     )
     return result
-
-
-def failure_reasons(result: BenchmarkResult, require_valid: bool, max_failed: int) -> list[str]:
-    """The core gate: INVALID runs, failed requests, a dead engine — one line each."""
-    out: list[str] = []
-    if result.status in ("ERROR", "TIMEOUT", "INTERRUPTED"):
-        out.append(f"{result.status}: {result.reason}")
-    elif result.status == "INVALID" and require_valid:
-        out.append(f"LoadGen result INVALID: {result.reason or 'no reason logged'}")
-    if result.queries.failed > max_failed:
-        out.append(
-            f"{result.queries.failed} of {result.queries.issued} requests failed "
-            f"(allowed {max_failed}); first error: {result.queries.first_error}"
-        )
-    return out
