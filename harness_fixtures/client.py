@@ -26,7 +26,7 @@ _TOKEN_IDS = b'"token_ids":['
 _FINISH = b'"finish_reason":'
 
 
-@dataclass
+@dataclass(slots=True)  # one per request, kept for the run: no per-instance __dict__
 class RequestRecord:
     """Timestamps (time.monotonic_ns) and outcome of one request; one line of requests.jsonl."""
 
