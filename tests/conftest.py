@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import textwrap
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,14 @@ class HarnessProject:
     @property
     def path(self) -> Path:
         return self.pytester.path
+
+    def junit_times(self, name: str = "junit.xml") -> dict[str, float]:
+        """Test id → seconds the test took, from the JUnit XML the inner run wrote."""
+        out = {}
+        for case in ET.parse(self.path / name).getroot().iter("testcase"):
+            test = case.get("name", "")
+            out[test[test.index("[") + 1 : -1]] = float(case.get("time", "nan"))
+        return out
 
     def model(
         self,

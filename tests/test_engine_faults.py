@@ -4,8 +4,6 @@ model's next test (not after a second death), and the next model still runs."""
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,15 +17,6 @@ if TYPE_CHECKING:
 START_TIMEOUT_S = 60
 
 
-def junit_times(path: Path) -> dict[str, float]:
-    """Test id → seconds the test took, from the JUnit XML."""
-    out = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        name = case.get("name", "")
-        out[name[name.index("[") + 1 : -1]] = float(case.get("time", "nan"))
-    return out
-
-
 def test_engine_crash_at_start_fails_fast_with_its_log(harness_project: HarnessProject) -> None:
     harness_project.model("a", ("Offline", "Server"), sim={"fail_start": True})
 
@@ -39,7 +28,7 @@ def test_engine_crash_at_start_fails_fast_with_its_log(harness_project: HarnessP
             "*fail_start is set: refusing to start (simulated engine start failure)*",
         ]
     )
-    times = junit_times(harness_project.path / "junit.xml")
+    times = harness_project.junit_times()
     # The engine's exit is noticed at once, not at the 60 s start deadline; the second test of the
     # model does not try again.
     assert times["a_offline"] < START_TIMEOUT_S / 4, times
@@ -96,7 +85,7 @@ def test_engine_crash_mid_run_fails_that_test_and_the_next_model_runs(
     assert not (session / "a_singlestream" / "mlperf").exists()
     given_up = BenchmarkResult.load(session / "a_singlestream" / "result.yaml")
     assert given_up.status == "ERROR" and "crash_after_requests=6 reached" in (given_up.reason or "")
-    assert junit_times(harness_project.path / "junit.xml")["a_singlestream"] < 5.0
+    assert harness_project.junit_times()["a_singlestream"] < 5.0
 
     # The next model starts its own engine and passes.
     assert BenchmarkResult.load(session / "b_offline" / "result.yaml").status == "VALID"

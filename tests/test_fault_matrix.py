@@ -38,7 +38,6 @@ import socket
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,15 +59,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Short deadlines: every row ends in seconds, never at an LLM-sized default.
 DEADLINES = ("--harness-request-timeout-s=2", "--harness-test-timeout-s=20")
 START_TIMEOUT_S = 60  # the model YAMLs' engine.start_timeout_s: "fails fast" means far below this
-
-
-def junit_times(path: Path) -> dict[str, float]:
-    """Test id → seconds the test took, from the JUnit XML."""
-    out = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        name = case.get("name", "")
-        out[name[name.index("[") + 1 : -1]] = float(case.get("time", "nan"))
-    return out
 
 
 def only_session(project: HarnessProject) -> Path:
@@ -103,7 +93,7 @@ def test_engine_binary_missing_or_bad_args(harness_project: HarnessProject, faul
     result = harness_project.run("--junitxml=junit.xml", *DEADLINES, timeout=START_TIMEOUT_S)
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(expected)
-    times = junit_times(harness_project.path / "junit.xml")
+    times = harness_project.junit_times()
     assert times["a_offline"] < 10 and times["a_server"] < 2, times  # the second test does not retry
     for test_id in ("a_offline", "a_server"):
         r = BenchmarkResult.load(only_session(harness_project) / test_id / "result.yaml")
@@ -162,7 +152,7 @@ def test_engine_exits_during_startup(harness_project: HarnessProject) -> None:
             "*fail_start is set: refusing to start (simulated engine start failure)*",
         ]
     )
-    assert junit_times(harness_project.path / "junit.xml")["a_offline"] < 10
+    assert harness_project.junit_times()["a_offline"] < 10
 
 
 # -- engine faults mid-run -------------------------------------------------------------------------
@@ -189,7 +179,7 @@ def test_engine_killed_mid_run(harness_project: HarnessProject) -> None:
     # LoadGen was not killed: it finished and wrote its result; the test ended soon after the death.
     values, _ = parse_mllog(session / "a_server" / "mlperf" / "mlperf_log_detail.txt")
     assert values["result_validity"] in ("VALID", "INVALID")
-    assert junit_times(harness_project.path / "junit.xml")["a_server"] < 20
+    assert harness_project.junit_times()["a_server"] < 20
     assert BenchmarkResult.load(session / "b_offline" / "result.yaml").status == "VALID"
 
 
@@ -216,7 +206,7 @@ def test_engine_hangs(harness_project: HarnessProject, deadline: str) -> None:
         assert r.queries.issued > 0 and r.queries.failed == r.queries.issued and r.queries.completed == 0
         assert "timeout after 2 s" in (r.queries.first_error or "")
         result.stdout.fnmatch_lines(["*failed_requests * > max 0*first error: *timeout after 2 s*"])
-        assert junit_times(harness_project.path / "junit.xml")["a_offline"] < 15
+        assert harness_project.junit_times()["a_offline"] < 15
     else:
         assert timeouts == {"request_timeout_s": 600.0, "test_timeout_s": 3.0}
         assert r.status == "TIMEOUT" and "test deadline of 3 s passed" in (r.reason or "")
@@ -225,7 +215,7 @@ def test_engine_hangs(harness_project: HarnessProject, deadline: str) -> None:
         assert "not answered: the runner was stopped" in (r.queries.first_error or "")
         assert len(requests_of(test_dir)) == r.queries.issued
         result.stdout.fnmatch_lines(["*TIMEOUT*test deadline of 3 s passed; LoadGen stopped*"])
-        assert junit_times(harness_project.path / "junit.xml")["a_offline"] < 12
+        assert harness_project.junit_times()["a_offline"] < 12
 
 
 # One session, one engine per fault: each request hit by the fault fails, the others pass.
