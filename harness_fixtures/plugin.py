@@ -531,6 +531,7 @@ class HarnessBenchmark:
         self.test_id = _test_id(case, scenario, mode, request.config)
         self.test_dir = test_dir
         self.result: BenchmarkResult | None = None
+        self.opts: RunOptions | None = None  # validated once per test, in _run
 
     def options(self) -> RunOptions:
         c = self.config
@@ -572,7 +573,7 @@ class HarnessBenchmark:
 
     def _run(self, started: float) -> BenchmarkResult:
         case, scenario = self.case, self.scenario
-        opts = self.options()
+        opts = self.opts = self.options()
         dataset_path = case.resolve(case.dataset.path)
         try:
             dataset = load_dataset(case.dataset, dataset_path)  # fail here, clearly, before LoadGen starts
@@ -752,7 +753,8 @@ class HarnessBenchmark:
                 "start_number": endpoint.info.get("start_number"),
             },
             "run_options": {
-                k: str(v) if isinstance(v, Path) else v for k, v in self.options().__dict__.items()
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in (self.opts or self.options()).__dict__.items()
             },
             "command_line": redact_argv(list(self.config.invocation_params.args), secrets),
             "cwd": str(self.config.invocation_params.dir),
