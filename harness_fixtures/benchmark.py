@@ -45,6 +45,7 @@ class RunOptions:
     api_key_env: str | None = None
     warmup: bool = True
     client_workers: int | None = None  # None: auto (fanout.auto_workers); 1: the in-process client
+    single_stream_latency_from_warmup: bool = False
 
 
 def read_requests(path: Path) -> list[dict[str, Any]]:
@@ -161,6 +162,7 @@ def run_benchmark(
         request_timeout_s=opts.request_timeout_s,
         warmup=opts.warmup,
         client_workers=opts.client_workers,
+        single_stream_latency_from_warmup=opts.single_stream_latency_from_warmup,
         t0_monotonic_ns=t0_ns,
     )
     spec_path = test_dir / "run_spec.json"

@@ -119,6 +119,21 @@ class Thresholds(_Strict):
     )
 
 
+class LoadSpec(_Strict):
+    """How the harness sizes a run's load when neither the command line nor user.conf sets it."""
+
+    server_fraction: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Server/Interactive target QPS as this share of the model's measured Offline "
+        "samples/s (the same session's Offline test, else a short Offline probe).",
+    )
+    probe_queries: int = Field(
+        16, gt=0, description="Samples of the Offline probe run when the session has no Offline result."
+    )
+
+
 class AccuracySpec(_Strict):
     scenario: Scenario = Field("Offline", description="LoadGen scenario of the AccuracyOnly run.")
     target: str | dict[str, float] = Field(
@@ -142,6 +157,7 @@ class BenchmarkCase(_Strict):
     user_conf: str | None = Field(None, description="user.conf for this case; default: the suite's.")
     tokenizer: str | None = Field(None, description="Tokenizer folder (accuracy decode); default: model.")
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    load: LoadSpec = Field(default_factory=LoadSpec, description="Load sizing from measurements.")
     accuracy: AccuracySpec | None = Field(
         None, description="Adds the test <name>_accuracy (LoadGen AccuracyOnly)."
     )

@@ -12,11 +12,12 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,7 +27,7 @@ import pytest
 from . import hookspecs
 from .accuracy_run import AccuracyRunError, score_run
 from .benchmark import RunOptions, build_result, read_requests, run_benchmark
-from .config import LOADGEN_SCENARIO, BenchmarkCase, ConfigError, load_cases
+from .config import LOADGEN_SCENARIO, SCENARIOS, BenchmarkCase, ConfigError, load_cases
 from .dataset import DatasetError, load_dataset
 from .environment import capture as capture_environment
 from .environment import redact_argv, scrub_url_credentials
@@ -46,8 +47,18 @@ from .gating import (
     save_baseline,
 )
 from .progress import RunProgress, expected_queries
-from .results import BenchmarkResult, MllogError, latency_limits, parse_mllog, write_yaml
+from .results import BenchmarkResult, MllogError, failed_checks, latency_limits, parse_mllog, write_yaml
 from .servers import LAUNCHERS, Endpoint, EngineError, LaunchContext
+from .sizing import (
+    MAX_OFFLINE_ATTEMPTS,
+    MIN_DURATION_ONLY,
+    LoadChoice,
+    explicit_rate,
+    needs_offline_rerun,
+    offline_rerun,
+    server_from_offline,
+    single_stream_from_warmup,
+)
 from .telemetry import TestTelemetry
 from .userconf import UserConfError, parse_user_conf
 
@@ -71,6 +82,9 @@ class HarnessState:
     hardware: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     write_errors: list[str] = field(default_factory=list)  # result files that could not be written
+    # Offline samples/s per model, measured this session (Offline test or probe) → (value, where);
+    # sizes the model's Server/Interactive load. A model's tests share one xdist worker.
+    offline_measured: dict[str, tuple[float, str]] = field(default_factory=dict)
 
 
 STATE = pytest.StashKey[HarnessState]()
@@ -321,7 +335,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     global_mode = _opt(metafunc.config, "mode") or "performance"
     params = []
     for case in state.cases:
-        runs = [(scenario, global_mode) for scenario in case.scenarios]
+        # Offline first: its measured throughput sizes the model's Server load (harness_fixtures.sizing).
+        runs = [(scenario, global_mode) for scenario in sorted(case.scenarios, key=SCENARIOS.index)]
         if case.accuracy is not None and (case.accuracy.scenario, "accuracy") not in runs:
             # --harness-mode accuracy already runs that scenario in AccuracyOnly, under the same id
             runs.append((case.accuracy.scenario, "accuracy"))
@@ -572,7 +587,7 @@ class HarnessBenchmark:
             handler.close()
 
     def _run(self, started: float) -> BenchmarkResult:
-        case, scenario = self.case, self.scenario
+        case = self.case
         opts = self.opts = self.options()
         dataset_path = case.resolve(case.dataset.path)
         try:
@@ -593,42 +608,39 @@ class HarnessBenchmark:
             self._emit(self._error_result(str(exc.msg)), None, started)
             raise
         log.info("running %s against %s (%s)", self.test_id, endpoint.base_url, endpoint.kind)
-        telemetry = TestTelemetry(endpoint.base_url, endpoint.headers)
-        t0_ns = time.monotonic_ns()
-        progress = self._progress(opts, dataset)
-        try:
-            with progress.live() if progress else contextlib.nullcontext():
-                result = run_benchmark(
-                    case,
-                    scenario,
-                    endpoint,
-                    opts,
-                    self.test_dir,
-                    dataset_path,
-                    t0_ns=t0_ns,
-                    on_start=lambda pid: telemetry.start(t0_ns, pid),
-                    on_tick=progress.tick if progress else None,
-                )
-        except KeyboardInterrupt:
-            telemetry.stop()
-            result = build_result(
-                case,
-                scenario,
-                opts.mode,
-                self.test_dir,
-                "INTERRUPTED",
-                "interrupted (Ctrl-C or SIGTERM); partial results kept",
-                None,
-                time.time() - started,
-                endpoint.alive(),
+        choice = self._size_load(opts, endpoint, dataset_path, started)
+        if choice is not None and choice.value is not None and choice.source == "measured":
+            opts = self.opts = replace(opts, target_qps=choice.value)
+        if choice is not None and choice.setting == "single_stream_expected_latency_ms":
+            opts = self.opts = replace(opts, single_stream_latency_from_warmup=choice.source == "measured")
+        result = self._attempt(opts, endpoint, dataset, dataset_path, started, choice)
+        earlier: list[dict[str, Any]] = []
+        while (
+            choice is not None
+            and choice.attempts < MAX_OFFLINE_ATTEMPTS
+            and needs_offline_rerun(
+                self.scenario, self.mode, result.status, result.invalid_constraints, result.queries.failed
             )
-            result.test_id = self.test_id
-            self._attach_telemetry(result, telemetry)
-            self._emit(result, endpoint, started, write_now=True)
-            raise
-        telemetry.stop()
-        result.test_id = self.test_id  # build_result knows the scenario only: "<model>_accuracy" is ours
-        self._attach_telemetry(result, telemetry)
+        ):
+            assert result.samples_per_s is not None
+            name = f"attempt-{choice.attempts}"
+            self._keep_attempt(name)
+            earlier.append(
+                {
+                    "dir": str(self.test_dir / name),
+                    "offline_expected_qps": result.settings.get("target_qps"),
+                    "samples_per_s": result.samples_per_s,
+                    "status": result.status,
+                    "reason": result.reason,
+                }
+            )
+            choice = offline_rerun(choice, result.samples_per_s, result.settings.get("target_qps"))
+            log.info("%s: %s", self.test_id, choice.reason)
+            opts = self.opts = replace(opts, target_qps=choice.value)
+            result = self._attempt(opts, endpoint, dataset, dataset_path, started, choice)
+        if earlier:
+            result.rate["earlier_attempts"] = earlier
+        self._remember_offline(result)
         if self.mode == "accuracy" and result.status in ("VALID", "INVALID"):
             try:
                 result.accuracy = score_run(case, self.test_dir, dataset)
@@ -639,6 +651,135 @@ class HarnessBenchmark:
         self._emit(result, endpoint, started, metadata=md)
         self.result = result
         return result
+
+    def _attempt(
+        self,
+        opts: RunOptions,
+        endpoint: Endpoint,
+        dataset: Any,
+        dataset_path: Path,
+        started: float,
+        choice: LoadChoice | None,
+        test_dir: Path | None = None,
+    ) -> BenchmarkResult:
+        """One LoadGen run with its telemetry; Ctrl-C still leaves a result on disk."""
+        test_dir = test_dir or self.test_dir
+        telemetry = TestTelemetry(endpoint.base_url, endpoint.headers)
+        t0_ns = time.monotonic_ns()
+        progress = self._progress(opts, dataset) if test_dir == self.test_dir else None
+        try:
+            with progress.live() if progress else contextlib.nullcontext():
+                result = run_benchmark(
+                    self.case,
+                    self.scenario,
+                    endpoint,
+                    opts,
+                    test_dir,
+                    dataset_path,
+                    t0_ns=t0_ns,
+                    on_start=lambda pid: telemetry.start(t0_ns, pid),
+                    on_tick=progress.tick if progress else None,
+                )
+        except KeyboardInterrupt:
+            telemetry.stop()
+            result = build_result(
+                self.case,
+                self.scenario,
+                opts.mode,
+                test_dir,
+                "INTERRUPTED",
+                "interrupted (Ctrl-C or SIGTERM); partial results kept",
+                None,
+                time.time() - started,
+                endpoint.alive(),
+            )
+            result.test_id = self.test_id
+            result.rate = _load_record(choice, test_dir)
+            self._attach_telemetry(result, telemetry, test_dir)
+            self._emit(result, endpoint, started, write_now=True)
+            raise
+        telemetry.stop()
+        result.test_id = self.test_id  # build_result knows the scenario only: "<model>_accuracy" is ours
+        result.rate = _load_record(choice, test_dir)
+        self._attach_telemetry(result, telemetry, test_dir)
+        return result
+
+    def _size_load(
+        self, opts: RunOptions, endpoint: Endpoint, dataset_path: Path, started: float
+    ) -> LoadChoice | None:
+        """The rate of this run: the user's, or one derived from a measurement on this machine."""
+        if self.mode == "accuracy":
+            return None  # AccuracyOnly issues every sample once, whatever the rate
+        lg_scenario = LOADGEN_SCENARIO[self.scenario]
+        lg_model = self.case.loadgen_model[self.scenario]  # type: ignore[index]
+        entries = parse_user_conf(opts.user_conf)
+        choice = explicit_rate(entries, lg_model, lg_scenario, opts.target_qps)
+        if choice is not None:
+            return choice
+        if lg_scenario == "SingleStream":
+            return single_stream_from_warmup()
+        if lg_scenario == "Offline":
+            return LoadChoice(
+                setting="offline_expected_qps",
+                value=None,
+                source="loadgen default",
+                reason=f"no {lg_model}.Offline.target_qps in user.conf: LoadGen's default; an Offline run "
+                "that ends before min_duration is repeated once at the measured rate",
+            )
+        state = self.config.stash[STATE]
+        measured = state.offline_measured.get(self.case.name)
+        if measured is None:
+            measured = self._offline_probe(opts, endpoint, dataset_path, started)
+            state.offline_measured[self.case.name] = measured
+        return server_from_offline(measured[0], self.case.load.server_fraction, measured[1])
+
+    def _offline_probe(
+        self, opts: RunOptions, endpoint: Endpoint, dataset_path: Path, started: float
+    ) -> tuple[float, str]:
+        """A short Offline run (``load.probe_queries`` samples) to measure this model's throughput."""
+        probe_dir = self.test_dir / "probe-offline"
+        n = self.case.load.probe_queries
+        _progress(
+            self.config,
+            f"[harness] {self.test_id}: no Offline result for {self.case.name} in this session; "
+            f"measuring its throughput with a {n}-sample Offline probe ({probe_dir}) ...",
+        )
+        lg_names = self.case.loadgen_model
+        case = self.case
+        if "Offline" not in lg_names:
+            case = case.model_copy(update={"loadgen_model": {**lg_names, "Offline": lg_names[self.scenario]}})  # type: ignore[index]
+        probe_opts = replace(opts, target_qps=None, min_duration_ms=0, min_query_count=n)
+        r = run_benchmark(case, "Offline", endpoint, probe_opts, probe_dir, dataset_path)
+        if r.samples_per_s is None or r.queries.failed or r.status not in ("VALID", "INVALID"):
+            fail = (
+                f"cannot size the {self.scenario} load of {self.case.name}: the Offline probe ended "
+                f"{r.status} ({r.reason or r.queries.first_error or 'no throughput measured'}; {probe_dir}); "
+                f"set a target with --harness-target-qps or {lg_names[self.scenario]}.Server.target_qps "  # type: ignore[index]
+                "in user.conf"
+            )
+            self._emit(self._error_result(fail), endpoint, started)
+            pytest.fail(fail, pytrace=False)
+        return float(r.samples_per_s), "probe-offline"
+
+    def _keep_attempt(self, name: str) -> None:
+        """Move a finished attempt's files (not harness.log, still being written) into a sub-folder."""
+        dest = self.test_dir / name
+        dest.mkdir()
+        for path in list(self.test_dir.iterdir()):
+            if path.name != "harness.log" and not path.name.startswith(("attempt-", "probe-")):
+                shutil.move(str(path), dest / path.name)
+
+    def _remember_offline(self, result: BenchmarkResult) -> None:
+        """An Offline performance run's samples/s sizes this model's later Server tests."""
+        if (
+            self.scenario == "Offline"
+            and self.mode == "performance"
+            and result.samples_per_s
+            and result.queries.failed == 0
+            and (result.status == "VALID" or failed_checks(result.invalid_constraints) == [MIN_DURATION_ONLY])
+        ):
+            state = self.config.stash[STATE]
+            state.offline_measured[self.case.name] = (float(result.samples_per_s), self.test_id)
 
     def _gate(self, result: BenchmarkResult, md: dict[str, Any]) -> None:
         """Every check of this test → result.gate (one entry per violation)."""
@@ -696,26 +837,38 @@ class HarnessBenchmark:
         n = min(len(dataset), opts.sample_count) if opts.sample_count else len(dataset)
         lg_scenario = LOADGEN_SCENARIO[self.scenario]
         lg_model = self.case.loadgen_model[self.scenario]  # type: ignore[index]
-        expected = n if self.mode == "accuracy" else expected_queries(entries, lg_model, lg_scenario, n)
+        expected = (
+            n
+            if self.mode == "accuracy"
+            else expected_queries(
+                entries,
+                lg_model,
+                lg_scenario,
+                n,
+                opts.target_qps if lg_scenario != "SingleStream" else None,
+                opts.min_duration_ms,
+                opts.min_query_count,
+            )
+        )
         return _LiveProgress(
             self.config, RunProgress(self.test_id, self.test_dir / "requests.jsonl", expected, sys.stdout)
         )
 
-    def _attach_telemetry(self, result: BenchmarkResult, telemetry: TestTelemetry) -> None:
-        requests = read_requests(self.test_dir / "requests.jsonl")
+    def _attach_telemetry(self, result: BenchmarkResult, telemetry: TestTelemetry, test_dir: Path) -> None:
+        requests = read_requests(test_dir / "requests.jsonl")
         try:
-            values, _ = parse_mllog(self.test_dir / "mlperf" / "mlperf_log_detail.txt")
+            values, _ = parse_mllog(test_dir / "mlperf" / "mlperf_log_detail.txt")
         except (MllogError, OSError):
             values = {}  # LoadGen did not run or crashed: the CDFs are drawn without limits
         limits_ms, target_pct = latency_limits(values)
         result.telemetry = telemetry.finish(
-            self.test_dir, requests, result.queries.output_tokens, limits_ms, target_pct
+            test_dir, requests, result.queries.output_tokens, limits_ms, target_pct
         )
         for key in ("timeline",):
             if key in result.telemetry:
                 result.paths[key] = result.telemetry[key]
         if result.telemetry.get("plots"):
-            result.paths["plots"] = str(self.test_dir / "plots")
+            result.paths["plots"] = str(test_dir / "plots")
 
     def _error_result(self, reason: str) -> BenchmarkResult:
         return BenchmarkResult(
@@ -794,6 +947,10 @@ class HarnessBenchmark:
             return
         # One line per violation, the first one first: CI's one-line summaries show something useful.
         lines = [v["message"] for v in result.gate]
+        if result.status == "INVALID" and result.rate.get("setting"):
+            load = result.rate
+            value = "as configured" if load.get("value") is None else f"{load['value']:g}"
+            lines.append(f"load: {load['setting']} {value} ({load['source']}: {load['reason']})")
         if result.status in ("ERROR", "TIMEOUT") and result.reason and "\n" in result.reason:
             lines.append(result.reason)
         pytest.fail("\n".join(lines), pytrace=False)
@@ -955,6 +1112,23 @@ class HarnessReporter:
             tr.write_line(f"session results: {state.session_dir / 'session.yaml'}")
             if (state.session_dir / "summary.png").is_file():
                 tr.write_line(f"session summary figure: {state.session_dir / 'summary.png'}")
+
+
+def _load_record(choice: LoadChoice | None, test_dir: Path) -> dict[str, Any]:
+    """``rate:`` of result.yaml; a SingleStream latency measured by the runner is read back here."""
+    if choice is None:
+        return {}
+    if choice.setting == "single_stream_expected_latency_ms" and choice.source == "measured":
+        client_path = test_dir / "client.json"
+        warmup = json.loads(client_path.read_text()).get("warmup", {}) if client_path.is_file() else {}
+        measured = warmup.get("single_stream_expected_latency_ms")
+        if measured is None:
+            choice = choice.model_copy(
+                update={"reason": "the warm-up request failed, so LoadGen's configured value was used"}
+            )
+        else:
+            choice = choice.model_copy(update={"value": measured})
+    return choice.model_dump()
 
 
 def _mlflow_settings(config: pytest.Config) -> dict[str, Any] | None:

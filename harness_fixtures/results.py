@@ -87,6 +87,9 @@ class BenchmarkResult(BaseModel):
     duration_s: float | None = None
     engine_alive: bool = True
     settings: dict[str, Any] = Field(default_factory=dict, description="LoadGen effective settings.")
+    rate: dict[str, Any] = Field(
+        default_factory=dict, description="The rate LoadGen ran at and why (harness_fixtures.sizing)."
+    )
     client: dict[str, Any] = Field(default_factory=dict, description="Client-side timing summary.")
     telemetry: dict[str, Any] = Field(default_factory=dict)
     accuracy: dict[str, Any] = Field(default_factory=dict, description="Scores, target and ratios.")
@@ -127,19 +130,23 @@ def _percentiles(values: dict[str, Any], fmt: str, mean_key: str | None, max_key
     )
 
 
+# LoadGen's validity conditions (MLLOG key → the words invalid_constraints uses when it failed).
+VALIDITY_CHECKS: dict[str, str] = {
+    "result_min_duration_met": "min duration not met",
+    "result_min_queries_met": "min query count not met",
+    "result_perf_constraints_met": "latency constraints not met",
+    "early_stopping_met": "early stopping not met",
+}
+_EARLY_STOPPING_KEYS = ("early_stopping_ttft_result", "early_stopping_tpot_result", "early_stopping_result")
+
+
 def invalid_constraints(values: dict[str, Any]) -> list[str]:
-    """Which of LoadGen's validity conditions failed, in words."""
+    """Which of LoadGen's validity conditions failed, in words, then LoadGen's own recommendation."""
     out: list[str] = []
-    checks = {
-        "result_min_duration_met": "min duration not met",
-        "result_min_queries_met": "min query count not met",
-        "result_perf_constraints_met": "latency constraints not met",
-        "early_stopping_met": "early stopping not met",
-    }
-    for key, text in checks.items():
+    for key, text in VALIDITY_CHECKS.items():
         if values.get(key) is False:
             out.append(text)
-    for key in ("early_stopping_ttft_result", "early_stopping_tpot_result", "early_stopping_result"):
+    for key in _EARLY_STOPPING_KEYS:
         v = values.get(key)
         if isinstance(v, str) and "unsuccessful" in v:
             out.append(f"{key}: {' '.join(v.replace('*', ' ').split())}")
@@ -147,6 +154,11 @@ def invalid_constraints(values: dict[str, Any]) -> list[str]:
     if isinstance(reason, str) and reason.strip():
         out.append(reason.strip())
     return out
+
+
+def failed_checks(invalid: list[str]) -> list[str]:
+    """The failed validity conditions in an ``invalid_constraints`` list, without LoadGen's advice."""
+    return [c for c in invalid if c in VALIDITY_CHECKS.values() or c.startswith(_EARLY_STOPPING_KEYS)]
 
 
 def metrics_from_mllog(values: dict[str, Any]) -> dict[str, Any]:

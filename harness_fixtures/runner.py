@@ -53,6 +53,9 @@ class RunSpec(BaseModel):
     max_connections: int = 1024
     warmup: bool = True
     client_workers: int | None = None  # None: auto (fanout.auto_workers); 1: the in-process client
+    # SingleStream sized by the harness (harness_fixtures.sizing): the expected latency is the
+    # warm-up request's, measured here just before LoadGen starts.
+    single_stream_latency_from_warmup: bool = False
     t0_monotonic_ns: int | None = None  # the test's t0, shared with the parent's collectors
 
 
@@ -254,6 +257,9 @@ def run(spec: RunSpec) -> int:
             "latency_s": round((w.done_ns - w.sent_ns) / 1e9, 4),
         }
         print(f"warm-up request: {warmup}", flush=True)
+        if spec.single_stream_latency_from_warmup and w.status == "ok":
+            settings.single_stream_expected_latency_ns = w.done_ns - w.sent_ns
+            warmup["single_stream_expected_latency_ms"] = round((w.done_ns - w.sent_ns) / 1e6, 3)
         want = prewarm_connections(
             spec.loadgen_scenario,
             rate,

@@ -46,8 +46,10 @@ def test_engine_crash_at_start_fails_fast_with_its_log(harness_project: HarnessP
 def test_engine_crash_mid_run_fails_that_test_and_the_next_model_runs(
     harness_project: HarnessProject,
 ) -> None:
-    # Server at 40/s for 0.3 s: the engine exits when request 7 arrives (the warm-up is request 1).
-    # It is restarted once for a_offline and dies again; a_singlestream then gets no third engine.
+    # A model's Offline test runs first (its throughput sizes the Server load; here user.conf sets the
+    # Server rate). The engine exits when request 7 arrives (the warm-up is request 1): Offline issues
+    # 22 at once and dies; the engine is restarted once for a_server (40/s) and dies again;
+    # a_singlestream then gets no third engine.
     crashing = {"ttft_base_ms": 50, "itl_ms": 5, "max_batch": 4, "crash_after_requests": 6}
     harness_project.model("a", ("Server", "Offline", "SingleStream"), sim=crashing)
     harness_project.model("b", ("Offline",))
@@ -59,26 +61,28 @@ def test_engine_crash_mid_run_fails_that_test_and_the_next_model_runs(
     )
     (session,) = harness_project.session_dirs()
 
-    crashed = BenchmarkResult.load(session / "a_server" / "result.yaml")
+    crashed = BenchmarkResult.load(session / "a_offline" / "result.yaml")
     assert crashed.status == "ERROR" and not crashed.engine_alive
     assert "crash_after_requests=6 reached" in (crashed.reason or "")  # the engine's log tail
     q = crashed.queries
-    assert q.failed > 0 and q.completed >= 1 and q.completed + q.failed == q.issued
+    assert q.failed > 0 and q.completed + q.failed == q.issued == 22
     assert q.first_error
-    # Failed requests must not wreck LoadGen's latency statistics (they once read ~1e11 ms).
-    assert crashed.ttft_ms.max is not None and crashed.ttft_ms.max < 10_000
-    # LoadGen was not killed: it finished the run and wrote its result.
-    values, _ = parse_mllog(session / "a_server" / "mlperf" / "mlperf_log_detail.txt")
-    assert values["result_validity"] in ("VALID", "INVALID")
-    assert values["result_query_count"] == q.issued
-
-    # a_offline ran on a second engine (its requests reached a live server: it crashed again).
-    again = BenchmarkResult.load(session / "a_offline" / "result.yaml")
-    assert again.status == "ERROR" and not again.engine_alive and again.queries.failed > 0
     md = yaml.safe_load((session / "a_offline" / "metadata.yaml").read_text())
+    assert md["engine"]["start_number"] == 1
+
+    # a_server ran on a second engine (its requests reached a live server: it crashed again).
+    again = BenchmarkResult.load(session / "a_server" / "result.yaml")
+    assert again.status == "ERROR" and not again.engine_alive and again.queries.failed > 0
+    md = yaml.safe_load((session / "a_server" / "metadata.yaml").read_text())
     assert md["engine"]["start_number"] == 2
     engine_log = (session / "engine-a" / "engine.log").read_text()
     assert engine_log.count("crash_after_requests=6 reached") == 2
+    # Failed requests must not wreck LoadGen's latency statistics (they once read ~1e11 ms).
+    assert again.ttft_ms.max is not None and again.ttft_ms.max < 10_000
+    # LoadGen was not killed: it finished the run and wrote its result.
+    values, _ = parse_mllog(session / "a_server" / "mlperf" / "mlperf_log_detail.txt")
+    assert values["result_validity"] in ("VALID", "INVALID")
+    assert values["result_query_count"] == again.queries.issued
 
     # After a second death the model's remaining test fails at once, without LoadGen.
     result.stdout.fnmatch_lines(["*engine for 'a' is not running (exit code 1): it died 2 times*"])

