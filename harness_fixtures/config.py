@@ -7,6 +7,7 @@ which LoadGen model name each scenario uses, and the thresholds that gate it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ Scenario = Literal["Offline", "Server", "Interactive", "SingleStream"]
 SCENARIOS: tuple[Scenario, ...] = ("Offline", "Server", "Interactive", "SingleStream")
 
 # MLPerf runs the Interactive benchmark as LoadGen's Server scenario with tighter limits.
-LOADGEN_SCENARIO: dict[str, str] = {
+LOADGEN_SCENARIO: dict[str, Literal["Offline", "Server", "SingleStream"]] = {
     "Offline": "Offline",
     "Server": "Server",
     "Interactive": "Server",
@@ -67,7 +68,9 @@ class EngineSpec(_Strict):
 
 class DatasetSpec(_Strict):
     path: str = Field(description="Dataset file (MLPerf schema); relative paths are from the YAML file.")
-    format: Literal["json", "pickle"] | None = Field(None, description="Inferred from the suffix if unset.")
+    format: Literal["json", "pickle"] | None = Field(
+        None, description="json (default) or pickle; a pickle runs code from the file when loaded."
+    )
     input_column: str = Field("input", description="Raw text column.")
     tok_input_column: str = Field("tok_input", description="Prompt token ids column (what is sent).")
     output_column: str = Field("output", description="Reference output column (accuracy).")
@@ -180,10 +183,6 @@ class BenchmarkCase(_Strict):
             )
         return self
 
-    def test_id(self, scenario: str, mode: str = "performance") -> str:
-        # "<model>_accuracy" never contains "<model>_server": -k keeps selecting the performance run.
-        return f"{self.name}_accuracy" if mode == "accuracy" else f"{self.name}_{scenario.lower()}"
-
     @property
     def served_name(self) -> str:
         return self.engine.served_model_name or self.name
@@ -226,7 +225,7 @@ def load_case(path: Path) -> BenchmarkCase:
         raise ConfigError(_format_validation_error(path, exc)) from None
 
 
-def load_cases(models_dir: Path, known_kinds: set[str] | None = None) -> list[BenchmarkCase]:
+def load_cases(models_dir: Path) -> list[BenchmarkCase]:
     """All cases in a folder, sorted by name; names must be unique."""
     if not models_dir.is_dir():
         raise ConfigError(
@@ -239,11 +238,46 @@ def load_cases(models_dir: Path, known_kinds: set[str] | None = None) -> list[Be
         case = load_case(path)
         if case.name in seen:
             raise ConfigError(f"{path}: case name {case.name!r} is also used by {seen[case.name]}")
-        if known_kinds is not None and case.engine.kind not in known_kinds:
-            raise ConfigError(
-                f"{path}: engine.kind {case.engine.kind!r} is unknown; known kinds: {sorted(known_kinds)} "
-                "(a plugin can add one through pytest_harness_make_launcher)"
-            )
         seen[case.name] = path
         cases.append(case)
     return sorted(cases, key=lambda c: c.name)
+
+
+Mode = Literal["performance", "accuracy"]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One benchmark test: a case, a scenario, a LoadGen mode, and its id (built here only)."""
+
+    case: BenchmarkCase
+    scenario: Scenario
+    mode: Mode
+    test_id: str
+
+    @property
+    def loadgen_model(self) -> str:
+        return self.case.loadgen_model[self.scenario]
+
+    @property
+    def loadgen_scenario(self) -> str:
+        return LOADGEN_SCENARIO[self.scenario]
+
+
+def plan_runs(case: BenchmarkCase, global_mode: Mode = "performance") -> list[PlannedRun]:
+    """The tests of a case, in the order they run: Offline first (its measured throughput sizes the
+    Server load), then the other scenarios, then the accuracy test.
+
+    Ids are ``<model>_<scenario>``; a case's accuracy test is ``<model>_accuracy``, so
+    ``-k <model>_server`` still selects the performance run. ``--harness-mode accuracy`` runs every
+    scenario in AccuracyOnly under its usual id.
+    """
+    runs = [
+        PlannedRun(case, s, global_mode, f"{case.name}_{s.lower()}")
+        for s in sorted(case.scenarios, key=SCENARIOS.index)
+    ]
+    if case.accuracy is not None and not (
+        global_mode == "accuracy" and case.accuracy.scenario in case.scenarios
+    ):
+        runs.append(PlannedRun(case, case.accuracy.scenario, "accuracy", f"{case.name}_accuracy"))
+    return runs

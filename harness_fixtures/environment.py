@@ -42,6 +42,15 @@ def scrub_url_credentials(text: str) -> str:
     return URL_USERINFO.sub(rf"\1{REDACTED}@", text)
 
 
+def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """Any text bound for a file, a log or MLflow: URL credentials, the values of secret-looking
+    environment variables (tokens, passwords, API keys of 4+ characters) and ``secrets`` → ``***``."""
+    values = [v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 4]
+    for value in sorted({*values, *(s for s in secrets if s and len(s) >= 4)}, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return scrub_url_credentials(text)
+
+
 def redact_env(env: dict[str, str]) -> dict[str, str]:
     """Allowlisted variables only; any whose name looks secret is redacted."""
     return {

@@ -1,7 +1,8 @@
-"""Pass/fail gates, direction-aware: thresholds, accuracy targets and baselines → violations.
+"""All gate policy, direction-aware: validity, thresholds, accuracy targets, output consistency,
+client-bound runs and baselines → violations.
 
-Pure functions over result dicts (``BenchmarkResult.model_dump()``); the plugin fails the test with
-one line per violation and writes the same list into ``result.yaml`` under ``gate:``.
+Pure functions over result dicts (``BenchmarkResult.model_dump()``); the pipeline writes the list into
+``result.yaml`` under ``gate:`` and the test fails with one line per violation.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Direction = Literal["higher_is_better", "lower_is_better", "must_equal"]
+from .client.cpu import CPU_BOUND_PCT
+from .results import Direction, Violation
+from .stats import round4
 
 # Metrics a baseline compares, with the direction in which they get better.
 BASELINE_METRICS: dict[str, Direction] = {
@@ -35,39 +38,6 @@ class GateError(ValueError):
     """A thresholds or baseline file is unusable; the message names the file, key and fix."""
 
 
-class Violation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    metric: str
-    observed: float | str | None
-    threshold: float | str | None
-    direction: Direction
-    source: str = Field(description="threshold | accuracy | baseline | validity | consistency | client")
-    message: str
-
-    @classmethod
-    def make(
-        cls, metric: str, observed: Any, threshold: Any, direction: Direction, source: str, note: str = ""
-    ) -> Violation:
-        op = {"higher_is_better": "<", "lower_is_better": ">", "must_equal": "!="}[direction]
-        word = {"higher_is_better": "min", "lower_is_better": "max", "must_equal": "required"}[direction]
-        how = direction.replace("_", " ")
-        msg = f"{metric} {_num(observed)} {op} {word} {_num(threshold)} ({how}, {source})"
-        return cls(
-            metric=metric,
-            observed=observed,
-            threshold=threshold,
-            direction=direction,
-            source=source,
-            message=msg + (f": {note}" if note else ""),
-        )
-
-
-def _num(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def metric_values(result: dict[str, Any]) -> dict[str, float]:
     """Flat numeric view of a result: the names thresholds and baselines use."""
     out: dict[str, float] = {}
@@ -80,10 +50,10 @@ def metric_values(result: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)):
                 out[f"{group[:-3]}_{p}_ms"] = float(v)
     out["failed_requests"] = float((result.get("queries") or {}).get("failed", 0))
-    frac = (result.get("telemetry") or {}).get("client_cpu_bound_fraction")
+    frac = (result.get("client") or {}).get("cpu_bound_fraction")
     if isinstance(frac, (int, float)):
         out["client_cpu_bound_fraction"] = float(frac)
-    for k, v in (result.get("accuracy") or {}).get("scores", {}).items():
+    for k, v in ((result.get("accuracy") or {}).get("scores") or {}).items():
         if isinstance(v, (int, float)):
             out[k] = float(v)
     return out
@@ -155,17 +125,27 @@ def _worse(observed: float, limit: float, direction: Direction) -> bool:
 def check_accuracy(
     scores: dict[str, Any], target: dict[str, Any], min_ratio: float, gen_len_band: tuple[float, float]
 ) -> list[Violation]:
-    """MLPerf rule: each ROUGE ≥ min_ratio × target; gen_len within the band around the target."""
+    """MLPerf rule: each ROUGE ≥ min_ratio × target; gen_len within the band around the target.
+
+    Compared as the submission checker compares them: the ROUGE values rounded to 4 decimals as
+    accuracy.txt prints them, against the unrounded ``target × min_ratio``.
+    """
     out: list[Violation] = []
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         if key not in target:
             continue
-        need = round(float(target[key]) * min_ratio, 4)
+        need = float(target[key]) * min_ratio
         got = scores.get(key)
-        if got is None or float(got) < need:
+        shown = None if got is None else round4(float(got))
+        if shown is None or shown < need:
             out.append(
                 Violation.make(
-                    key, got, need, "higher_is_better", "accuracy", f"{min_ratio:.0%} of target {target[key]}"
+                    key,
+                    shown,
+                    round(need, 4),
+                    "higher_is_better",
+                    "accuracy",
+                    f"{min_ratio:.0%} of target {target[key]}",
                 )
             )
     if target.get("gen_len"):
@@ -241,10 +221,8 @@ CLIENT_BOUND_FIX = (
 def check_client_bound(result: dict[str, Any], opts: ClientBoundLimits | None = None) -> list[Violation]:
     """Client-bound detection on a performance run: dispatch lag, achieved vs scheduled QPS, client CPU.
 
-    Reads ``result.client`` (requests.jsonl / client.json summary) and, for CPU,
-    ``result.telemetry.client_cpu_bound_fraction`` (the runner process, from the host collector) and
-    ``result.client.cpu_bound_fraction`` (the runner and each client worker, self-measured): the
-    busiest process counts, since each is one GIL.
+    Reads ``result.client``: requests.jsonl statistics, and for CPU ``cpu_bound_fraction`` (the runner
+    and each client worker measure themselves; the busiest process counts, since each is one GIL).
     """
     lim = opts or ClientBoundLimits()
     if result.get("mode") != "performance" or result.get("status") not in ("VALID", "INVALID"):
@@ -284,24 +262,20 @@ def check_client_bound(result: dict[str, Any], opts: ClientBoundLimits | None = 
                 f"(target {c.get('target_qps')}); {CLIENT_BOUND_FIX}",
             )
         )
-    fractions = []
+    frac = c.get("cpu_bound_fraction")
     if (
-        isinstance(c.get("cpu_bound_fraction"), (int, float))
+        isinstance(frac, (int, float))
         and (c.get("cpu_samples") or 0) >= lim.min_cpu_samples
+        and frac > lim.max_cpu_bound_fraction
     ):
-        fractions.append(float(c["cpu_bound_fraction"]))
-    tel = (result.get("telemetry") or {}).get("client_cpu_bound_fraction")
-    if isinstance(tel, (int, float)) and (result.get("duration_s") or 0) >= lim.min_cpu_samples:
-        fractions.append(float(tel))
-    if fractions and max(fractions) > lim.max_cpu_bound_fraction:
         out.append(
             Violation.make(
                 "client_cpu_bound_fraction",
-                max(fractions),
+                float(frac),
                 lim.max_cpu_bound_fraction,
                 "lower_is_better",
                 "client",
-                f"a client process was at >= 90 % of a core in {max(fractions):.0%} of its samples; "
+                f"a client process was at >= {CPU_BOUND_PCT:.0f} % of a core in {frac:.0%} of its samples; "
                 + CLIENT_BOUND_FIX,
             )
         )

@@ -53,30 +53,3 @@ class RunProgress:
     def close(self) -> None:
         self.stream.write("\n")
         self.stream.flush()
-
-
-def expected_queries(
-    entries: list[Any],
-    model: str,
-    scenario: str,
-    sample_count: int,
-    target_qps: float | None = None,
-    min_duration_ms: int | None = None,
-    min_query_count: int | None = None,
-) -> int | None:
-    """LoadGen's query count, roughly: min_query_count and target_qps × min_duration, each from the
-    run's overrides (command line, measured load) or else user.conf."""
-    from .userconf import lookup
-
-    def num(key: str, override: float | None) -> float | None:
-        if override is not None:
-            return float(override)
-        v = lookup(entries, model, scenario, key)
-        return float(v) if v is not None else None
-
-    min_q = num("min_query_count", min_query_count) or 0
-    qps = num("target_qps", target_qps) or 0
-    dur_s = (num("min_duration", min_duration_ms) or 0) / 1000
-    if scenario == "Offline":
-        return int(max(min_q, qps * dur_s * 1.1)) or sample_count
-    return int(max(min_q, qps * dur_s)) or None

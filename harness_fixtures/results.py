@@ -1,51 +1,34 @@
-"""Result models and LoadGen log parsing: ``mlperf_log_detail.txt`` MLLOG records → BenchmarkResult."""
+"""What the suite writes: one typed model per file (result.yaml, metadata.yaml, session.yaml).
+
+Every file carries ``schema_version``; tools read results through :meth:`BenchmarkResult.load`,
+:meth:`Metadata.load` and :meth:`SessionFile.load`. Writes are atomic (a temporary file, fsync, rename),
+so a reader or a crash never sees half a file.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
-MLLOG_PREFIX = ":::MLLOG "
-PERCENTILES: tuple[str, ...] = ("50.00", "90.00", "95.00", "99.00", "99.90")
+SCHEMA_VERSION = 2
 
 Status = Literal["VALID", "INVALID", "ERROR", "INTERRUPTED", "TIMEOUT"]
+Direction = Literal["higher_is_better", "lower_is_better", "must_equal"]
+FINISHED: tuple[Status, ...] = ("VALID", "INVALID")  # LoadGen ran to the end and judged the run
 
 
-class MllogError(ValueError):
-    """mlperf_log_detail.txt is missing or has no result records."""
-
-
-def parse_mllog(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """Read MLLOG records: (last value per key, messages of records flagged as errors)."""
-    if not path.is_file():
-        raise MllogError(f"LoadGen detail log {str(path)!r} does not exist (LoadGen did not run or crashed)")
-    values: dict[str, Any] = {}
-    errors: list[str] = []
-    with path.open(errors="replace") as fh:
-        for line in fh:
-            if not line.startswith(MLLOG_PREFIX):
-                continue
-            try:
-                rec = json.loads(line[len(MLLOG_PREFIX) :])
-            except json.JSONDecodeError:
-                continue  # LoadGen can leave a torn last line when the process is killed
-            key = rec.get("key")
-            if not isinstance(key, str):
-                continue
-            values[key] = rec.get("value")
-            meta = rec.get("metadata") or {}
-            if meta.get("is_error"):
-                errors.append(f"{key}: {rec.get('value')}")
-    return values, errors
-
-
-class Percentiles(BaseModel):
+class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Percentiles(_Model):
+    """LoadGen's latency statistics of one quantity (ms), as its detail log has them."""
+
     p50: float | None = None
     p90: float | None = None
     p95: float | None = None
@@ -55,8 +38,7 @@ class Percentiles(BaseModel):
     max: float | None = None
 
 
-class QueryCounts(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class QueryCounts(_Model):
     issued: int = 0
     completed: int = 0
     failed: int = 0
@@ -64,10 +46,132 @@ class QueryCounts(BaseModel):
     first_error: str | None = None
 
 
-class BenchmarkResult(BaseModel):
-    """What one benchmark test measured; written as result.yaml."""
+class ClientStats(_Model):
+    """The client's side of a run: its own timings (harness_fixtures.stats percentiles) and its load."""
 
-    model_config = ConfigDict(extra="forbid")
+    ttft_ms_p50: float | None = Field(None, description="Request sent → first token, at the client.")
+    ttft_ms_p99: float | None = None
+    ttft_ms_mean: float | None = None
+    dispatch_lag_ms_p50: float | None = Field(None, description="LoadGen issue → request sent.")
+    dispatch_lag_ms_p99: float | None = None
+    requests: int = 0
+    target_qps: float | None = None
+    scheduled_qps: float | None = Field(None, description="The rate of LoadGen's drawn schedule.")
+    achieved_qps: float | None = None
+    workers: int | None = None
+    cpu_pct: float | None = Field(None, description="Client processes' CPU, % of one core.")
+    cpu_bound_fraction: float | None = Field(
+        None, description="Share of 1-s samples with the busiest client process at >= 90 % of a core."
+    )
+    cpu_samples: int | None = None
+    client_bound: list[str] = Field(default_factory=list, description="Why the client set the pace.")
+
+
+class Consistency(_Model):
+    """MLPerf TEST06's checks on every answer: what LoadGen was told must match the final response."""
+
+    checked: int = 0
+    first_token_mismatch: int = 0
+    multiple_eos: int = 0
+    n_tokens_mismatch: int = 0
+    examples: dict[str, str] = Field(default_factory=dict)
+
+
+class RateChoice(_Model):
+    """The rate LoadGen ran at and why (harness_fixtures.loadgen.sizing)."""
+
+    setting: Literal["offline_expected_qps", "server_target_qps", "single_stream_expected_latency_ms"]
+    value: float | None = Field(
+        description="What LoadGen was given; None: as user.conf / mlperf.conf set it, or not measured."
+    )
+    source: Literal["command line", "user.conf", "measured", "loadgen default"]
+    reason: str
+    measured_from: str | None = Field(None, description="Test id or folder whose measurement sized it.")
+    measured_samples_per_s: float | None = None
+    fraction: float | None = Field(None, description="Server: share of the measured Offline samples/s.")
+    attempts: int = Field(1, description="LoadGen runs of this test (more than 1 after Offline reruns).")
+    first_reason: str | None = Field(None, description="After a rerun: why the first attempt used its rate.")
+    earlier_attempts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Offline attempts that ended before min_duration, kept on disk."
+    )
+
+
+class TelemetryResult(_Model):
+    status: str | None = Field(None, description="'not started' when the collectors never ran.")
+    collectors: dict[str, str] = Field(default_factory=dict, description="Collector → status or why not.")
+    summary: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=dict, description="{source: {series: {n, mean, std, min, max, p50, p99}}}."
+    )
+    timeline: str | None = None
+    timeline_error: str | None = None
+    plots: list[str] = Field(default_factory=list)
+    plots_error: str | None = None
+    gpu_energy_j: float | None = None
+    energy_j_per_output_token: float | None = None
+    engine_generation_tokens: float | None = Field(
+        None, description="The engine's own generated-token counter delta over the test."
+    )
+
+
+class AccuracyResult(_Model):
+    scores: dict[str, float] | None = None
+    target: dict[str, float] | None = None
+    ratios: dict[str, float] | None = None
+    accuracy_txt: str | None = None
+    error: str | None = Field(None, description="Why the run could not be scored.")
+
+
+class Violation(_Model):
+    """One failed gate: what, observed vs threshold, in which direction, and the line CI shows."""
+
+    metric: str
+    observed: float | str | None
+    threshold: float | str | None
+    direction: Direction
+    source: str = Field(description="threshold | accuracy | baseline | validity | consistency | client")
+    message: str
+
+    @classmethod
+    def make(
+        cls, metric: str, observed: Any, threshold: Any, direction: Direction, source: str, note: str = ""
+    ) -> Violation:
+        op = {"higher_is_better": "<", "lower_is_better": ">", "must_equal": "!="}[direction]
+        word = {"higher_is_better": "min", "lower_is_better": "max", "must_equal": "required"}[direction]
+        how = direction.replace("_", " ")
+        msg = f"{metric} {_num(observed)} {op} {word} {_num(threshold)} ({how}, {source})"
+        return cls(
+            metric=metric,
+            observed=observed,
+            threshold=threshold,
+            direction=direction,
+            source=source,
+            message=msg + (f": {note}" if note else ""),
+        )
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class BaselineRow(_Model):
+    test_id: str
+    metric: str
+    baseline: float
+    current: float
+    change_pct: float
+    allowed_regression_pct: float
+    regressed: bool
+
+
+class BaselineComparison(_Model):
+    path: str
+    warnings: list[str] = Field(default_factory=list)
+    rows: list[BaselineRow] = Field(default_factory=list)
+
+
+class BenchmarkResult(_Model):
+    """What one benchmark test measured; result.yaml."""
+
     schema_version: int = SCHEMA_VERSION
     test_id: str
     model: str
@@ -86,119 +190,83 @@ class BenchmarkResult(BaseModel):
     latency_ms: Percentiles = Field(default_factory=Percentiles)
     duration_s: float | None = None
     engine_alive: bool = True
-    settings: dict[str, Any] = Field(default_factory=dict, description="LoadGen effective settings.")
-    rate: dict[str, Any] = Field(
-        default_factory=dict, description="The rate LoadGen ran at and why (harness_fixtures.sizing)."
-    )
-    client: dict[str, Any] = Field(default_factory=dict, description="Client-side timing summary.")
-    telemetry: dict[str, Any] = Field(default_factory=dict)
-    accuracy: dict[str, Any] = Field(default_factory=dict, description="Scores, target and ratios.")
-    consistency: dict[str, Any] = Field(default_factory=dict, description="TEST06-style output checks.")
-    baseline: dict[str, Any] = Field(default_factory=dict, description="Comparison with --harness-baseline.")
-    gate: list[dict[str, Any]] = Field(default_factory=list, description="Violated thresholds.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="LoadGen's effective settings.")
+    rate: RateChoice | None = None
+    client: ClientStats = Field(default_factory=ClientStats)
+    telemetry: TelemetryResult = Field(default_factory=TelemetryResult)
+    accuracy: AccuracyResult | None = None
+    consistency: Consistency = Field(default_factory=Consistency)
+    baseline: BaselineComparison | None = None
+    gate: list[Violation] = Field(default_factory=list, description="Violated gates; empty = passed.")
     paths: dict[str, str] = Field(default_factory=dict)
-
-    def write(self, path: Path) -> None:
-        write_yaml(path, self.model_dump(mode="json"))
 
     @classmethod
     def load(cls, path: Path) -> BenchmarkResult:
         return cls.model_validate(yaml.safe_load(path.read_text()))
 
 
+class EngineInfo(_Model):
+    kind: str
+    base_url: str
+    served_model: str
+    version: str | None = None
+    argv: list[str] = Field(default_factory=list, description="Redacted.")
+    log: str | None = None
+    pid: int | None = None
+    start_s: float | None = None
+    start_number: int | None = Field(None, description="1 = the model's first engine start this session.")
+
+
+class Metadata(BaseModel):
+    """How a result was produced; metadata.yaml. Conftest hooks may add their own keys."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: int = SCHEMA_VERSION
+    test_id: str
+    nodeid: str | None = None
+    case: dict[str, Any]
+    scenario: str
+    mode: str
+    engine: EngineInfo | None = None
+    run_spec: dict[str, Any] = Field(default_factory=dict, description="The LoadGen run, no secrets.")
+    command_line: list[str] = Field(default_factory=list)
+    cwd: str | None = None
+    started_utc: str
+    finished_utc: str
+    environment: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(default_factory=dict)
+    mlflow: dict[str, str] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> Metadata:
+        return cls.model_validate(yaml.safe_load(path.read_text()))
+
+
+class SessionFile(_Model):
+    """session.yaml: every result of one pytest session."""
+
+    schema_version: int = SCHEMA_VERSION
+    started_utc: str
+    finished_utc: str
+    command_line: list[str] = Field(default_factory=list)
+    results: list[dict[str, Any]] = Field(default_factory=list, description="result.yaml + nodeid each.")
+
+    @classmethod
+    def load(cls, path: Path) -> SessionFile:
+        return cls.model_validate(yaml.safe_load(path.read_text()))
+
+
 def write_yaml(path: Path, data: Any) -> None:
-    """Write atomically so a reader (or a crash) never sees half a file."""
+    """Write atomically and durably: a temporary file beside it, fsync, rename; no leftover on failure."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-    tmp.replace(path)
-
-
-def _ns_to_ms(v: Any) -> float | None:
-    return round(float(v) / 1e6, 3) if isinstance(v, (int, float)) else None
-
-
-def _percentiles(values: dict[str, Any], fmt: str, mean_key: str | None, max_key: str | None) -> Percentiles:
-    got = {p: _ns_to_ms(values.get(fmt.format(p))) for p in PERCENTILES}
-    return Percentiles(
-        p50=got["50.00"],
-        p90=got["90.00"],
-        p95=got["95.00"],
-        p99=got["99.00"],
-        p99_9=got["99.90"],
-        mean=_ns_to_ms(values.get(mean_key)) if mean_key else None,
-        max=_ns_to_ms(values.get(max_key)) if max_key else None,
-    )
-
-
-# LoadGen's validity conditions (MLLOG key → the words invalid_constraints uses when it failed).
-VALIDITY_CHECKS: dict[str, str] = {
-    "result_min_duration_met": "min duration not met",
-    "result_min_queries_met": "min query count not met",
-    "result_perf_constraints_met": "latency constraints not met",
-    "early_stopping_met": "early stopping not met",
-}
-_EARLY_STOPPING_KEYS = ("early_stopping_ttft_result", "early_stopping_tpot_result", "early_stopping_result")
-
-
-def invalid_constraints(values: dict[str, Any]) -> list[str]:
-    """Which of LoadGen's validity conditions failed, in words, then LoadGen's own recommendation."""
-    out: list[str] = []
-    for key, text in VALIDITY_CHECKS.items():
-        if values.get(key) is False:
-            out.append(text)
-    for key in _EARLY_STOPPING_KEYS:
-        v = values.get(key)
-        if isinstance(v, str) and "unsuccessful" in v:
-            out.append(f"{key}: {' '.join(v.replace('*', ' ').split())}")
-    reason = values.get("result_invalid_reason")
-    if isinstance(reason, str) and reason.strip():
-        out.append(reason.strip())
-    return out
-
-
-def failed_checks(invalid: list[str]) -> list[str]:
-    """The failed validity conditions in an ``invalid_constraints`` list, without LoadGen's advice."""
-    return [c for c in invalid if c in VALIDITY_CHECKS.values() or c.startswith(_EARLY_STOPPING_KEYS)]
-
-
-def metrics_from_mllog(values: dict[str, Any]) -> dict[str, Any]:
-    """The performance numbers of a LoadGen run, scenario-independent names."""
-    samples = values.get("result_samples_per_second", values.get("result_completed_samples_per_sec"))
-    tokens = values.get("result_tokens_per_second", values.get("result_completed_tokens_per_second"))
-    return {
-        "samples_per_s": float(samples) if isinstance(samples, (int, float)) else None,
-        "tokens_per_s": float(tokens) if isinstance(tokens, (int, float)) else None,
-        "ttft_ms": _percentiles(
-            values,
-            "result_first_token_{}_percentile_latency_ns",
-            "result_first_token_mean_latency_ns",
-            "result_first_token_max_latency_ns",
-        ),
-        "tpot_ms": _percentiles(
-            values,
-            "result_time_per_output_token_{}_percentile_ns",
-            "result_time_to_output_token_mean",
-            "result_time_to_output_token_max",
-        ),
-        "latency_ms": _percentiles(
-            values, "result_{}_percentile_latency_ns", "result_mean_latency_ns", "result_max_latency_ns"
-        ),
-        "settings": {k[len("effective_") :]: v for k, v in values.items() if k.startswith("effective_")},
-    }
-
-
-def latency_limits(values: dict[str, Any]) -> tuple[dict[str, float] | None, float | None]:
-    """LoadGen's TTFT/TPOT limits in ms (``{"ttft": ..., "tpot": ...}``) and the percentile (0.99)
-    they are checked at; ``(None, None)`` unless the run was Server with token latencies.
-
-    :param values: MLLOG values from `parse_mllog`.
-    """
-    if values.get("effective_scenario") != "Server" or values.get("requested_use_token_latencies") is False:
-        return None, None
-    limits: dict[str, float] = {}
-    for name in ("ttft", "tpot"):
-        ns = values.get(f"requested_server_{name}_latency")
-        if isinstance(ns, (int, float)) and ns > 0:
-            limits[name] = ns / 1e6  # unrounded: a 1 ns limit stays above zero
-    pct = values.get("effective_target_latency_percentile")
-    return (limits or None), (float(pct) if isinstance(pct, (int, float)) and 0 < pct < 1 else None)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

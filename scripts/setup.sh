@@ -28,7 +28,7 @@ else
   echo "[setup] $VENV is up to date"
 fi
 if [ "${HARNESS_SKIP_ENGINE:-0}" != "1" ]; then
-  "$VENV/bin/python" -m harness_fixtures.engine_env
+  "$VENV/bin/python" -m harness_fixtures.servers.engine_env
 fi
-"$VENV/bin/python" -m harness_fixtures.nltk_punkt >/dev/null
+"$VENV/bin/python" -m harness_fixtures.accuracy.punkt >/dev/null
 echo "[setup] done in $(( $(date +%s) - t0 )) s"

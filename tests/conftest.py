@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from harness_fixtures.config import BenchmarkCase
+from harness_fixtures.config import BenchmarkCase, plan_runs
+from harness_fixtures.options import HarnessOptions
+from harness_fixtures.pipeline import Events, Outcome, Suite, run_test
 from harness_fixtures.servers import Endpoint, LaunchContext
 from harness_fixtures.servers.launchers import SimLauncher
 
@@ -174,3 +176,30 @@ def start_sim(tmp_path: Path) -> Iterator[Callable[..., tuple[Endpoint, Benchmar
     yield start
     for launcher, endpoint in reversed(started):
         launcher.stop(endpoint)
+
+
+def run_pipeline(
+    case: BenchmarkCase,
+    scenario: str,
+    endpoint: Endpoint,
+    test_dir: Path,
+    user_conf: Path,
+    *,
+    mode: str = "performance",
+    events: Events | None = None,
+    **options: Any,
+) -> Outcome:
+    """One benchmark test through the pipeline the plugin uses, against an engine already running."""
+    (planned,) = [r for r in plan_runs(case, mode) if r.scenario == scenario]  # type: ignore[arg-type]
+    suite = Suite(HarnessOptions(user_conf=user_conf, mode=mode, **options))
+    return run_test(planned, lambda: endpoint, suite, test_dir, events)
+
+
+class OnChild(Events):
+    """Events that hand the LoadGen runner's pid to a callback."""
+
+    def __init__(self, callback: Callable[[int], None]) -> None:
+        self.callback = callback
+
+    def child_started(self, pid: int) -> None:
+        self.callback(pid)

@@ -5,6 +5,7 @@ Uses the real punkt cache (``ensure_punkt``; the setup step downloads it, else t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,13 +22,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness_fixtures import nltk_punkt
-from harness_fixtures.accuracy import (
+from harness_fixtures.accuracy import punkt as nltk_punkt
+from harness_fixtures.accuracy.punkt import PUNKT_ZIP_SHA256, PunktUnavailableError, ensure_punkt
+from harness_fixtures.accuracy.rouge import (
     MLPERF_TARGETS,
     AccuracyInputError,
     AccuracyScores,
-    check_accuracy,
-    load_dataset_outputs,
     load_tokenizer_decoder,
     main,
     postprocess,
@@ -37,7 +37,9 @@ from harness_fixtures.accuracy import (
     score_texts,
     write_accuracy_txt,
 )
-from harness_fixtures.nltk_punkt import PUNKT_ZIP_SHA256, PunktUnavailableError, ensure_punkt
+from harness_fixtures.config import DatasetSpec
+from harness_fixtures.dataset import DatasetError, load_dataset
+from harness_fixtures.gating import check_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,34 +305,27 @@ def test_write_accuracy_txt_needs_a_hash(tmp_path: Path) -> None:
 
 
 def test_check_accuracy_gates() -> None:
-    target = MLPERF_TARGETS["llama3_1-8b"]
-    at_target = AccuracyScores(
-        rouge1=target.rouge1, rouge2=target.rouge2, rougeL=target.rougeL, rougeLsum=target.rougeLsum,
-        gen_len=target.gen_len, gen_num=13368,
-    )  # fmt: skip
-    assert check_accuracy(at_target, target) == []
-    assert check_accuracy(at_target, "llama3_1-8b-interactive") == []
-    low = at_target.model_copy(update={"rouge2": 15.9075 * 0.98, "gen_len": int(8_167_644 * 1.2)})
-    violations = check_accuracy(low, "llama3_1-8b")
-    assert violations == [
-        {
-            "metric": "rouge2",
-            "observed": 15.5894,  # as printed: numpy rounding
-            "threshold": 15.9075 * 0.99,
-            "direction": ">=",
-        },
-        {
-            "metric": "gen_len",
-            "observed": int(8_167_644 * 1.2),
-            "threshold": 8_167_644 * 1.1,
-            "direction": "<=",
-        },
+    target = dataclasses.asdict(MLPERF_TARGETS["llama3_1-8b"])
+    at_target = {**target, "gen_num": 13368}
+    assert check_accuracy(at_target, target, 0.99, (0.9, 1.1)) == []
+    low = {**at_target, "rouge2": 15.9075 * 0.98, "gen_len": int(8_167_644 * 1.2)}
+    violations = check_accuracy(low, target, 0.99, (0.9, 1.1))
+    assert [(v.metric, v.observed, v.threshold, v.direction) for v in violations] == [
+        ("rouge2", 15.5894, round(15.9075 * 0.99, 4), "higher_is_better"),  # observed as printed
+        ("gen_len", int(8_167_644 * 1.2), round(8_167_644 * 1.1), "lower_is_better"),
     ]
+    # Compared as accuracy.txt prints it (the checker reads that file): 4 decimals, so a score just
+    # above the bar that prints below it fails.
+    edge = {**at_target, "rouge1": target["rouge1"] * 0.99 + 0.000002}
+    (v,) = check_accuracy(edge, target, 0.99, (0.9, 1.1))
+    assert v.metric == "rouge1" and v.observed == 38.3914 < target["rouge1"] * 0.99 < edge["rouge1"]
     # Datacenter scores against the edge targets: only rouge2 (15.9075 < 16.1147 * 0.99) is short.
-    short = check_accuracy({**at_target.metrics(), "gen_len": 100}, MLPERF_TARGETS["llama3_1-8b-edge"])
-    assert [(v["metric"], v["direction"]) for v in short] == [("rouge2", ">="), ("gen_len", ">=")]
-    with pytest.raises(ValueError, match="no accuracy target"):
-        check_accuracy(at_target, "llama2-70b")
+    edge_target = dataclasses.asdict(MLPERF_TARGETS["llama3_1-8b-edge"])
+    short = check_accuracy({**at_target, "gen_len": 100}, edge_target, 0.99, (0.9, 1.1))
+    assert [(v.metric, v.direction) for v in short] == [
+        ("rouge2", "higher_is_better"),
+        ("gen_len", "higher_is_better"),
+    ]
 
 
 # --------------------------------------------------------------------------- tokenizer / dataset / CLI
@@ -425,8 +420,8 @@ def test_cli_reference_output_and_accuracy_txt(tmp_path: Path, capsys: pytest.Ca
     ("breakage", "match"),
     [
         ("missing_log", "cannot read the accuracy log"),
-        ("missing_dataset", "cannot read the dataset"),
-        ("no_output_column", "no 'output' column"),
+        ("missing_dataset", "does not exist"),
+        ("no_output_column", "missing column(s) ['output']"),
         ("bad_hex", "not hex"),
         ("out_of_range", "outside the dataset's 3 samples"),
         ("no_tokenizer", "tokenizer.json"),
@@ -455,21 +450,28 @@ def test_cli_errors_exit_2(
 
 
 def test_dataset_formats(tmp_path: Path) -> None:
+    def outputs(path: Path, fmt: str | None = None) -> list[str]:
+        spec = DatasetSpec(path=str(path), format=fmt)  # type: ignore[arg-type]
+        return load_dataset(spec, path, need_prompts=False).outputs
+
     records = [{"input": "a", "output": "first"}, {"input": "b", "output": "second"}]
     as_pickle = tmp_path / "cnn_eval.pkl"
     as_pickle.write_bytes(pickle.dumps(records))
-    assert load_dataset_outputs(as_pickle) == ["first", "second"]
+    # A pickle runs code when loaded: only with an explicit format.
+    with pytest.raises(DatasetError, match=r"set dataset\.format: pickle"):
+        outputs(as_pickle)
+    assert outputs(as_pickle, "pickle") == ["first", "second"]
     columns = tmp_path / "columns.json"  # pandas' default to_json orientation
     columns.write_text(json.dumps({"input": {"1": "b", "0": "a"}, "output": {"1": "second", "0": "first"}}))
-    assert load_dataset_outputs(columns) == ["first", "second"]
+    assert outputs(columns) == ["first", "second"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"output": None}]))
-    with pytest.raises(AccuracyInputError, match="not text"):
-        load_dataset_outputs(bad)
-    garbage = tmp_path / "garbage.bin"
-    garbage.write_bytes(b"\x00\xffnot a dataset")
-    with pytest.raises(AccuracyInputError, match="neither JSON nor a readable pickle"):
-        load_dataset_outputs(garbage)
+    with pytest.raises(DatasetError, match="not text"):
+        outputs(bad)
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(pickle.dumps(records))  # a pickle named .json is never unpickled
+    with pytest.raises(DatasetError, match="cannot read as json"):
+        outputs(garbage)
 
 
 # --------------------------------------------------------------------------- ensure_punkt

@@ -1,5 +1,5 @@
-"""The streaming client (harness_fixtures.client) against the simulator subprocess: exact token ids, and
-every failure path ends in an error record with zero tokens — never made-up ids."""
+"""The streaming client (harness_fixtures.client.streaming) against the simulator subprocess: exact token
+ids, and every failure path ends in an error record with zero tokens — never made-up ids."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import requests
 
-from harness_fixtures.client import ClientConfig, RequestRecord, StreamingClient
-from harness_fixtures.config import BenchmarkCase
+from harness_fixtures.client.spec import ClientSpec
+from harness_fixtures.client.streaming import RequestRecord, StreamingClient
+from harness_fixtures.config import BenchmarkCase, DatasetSpec, GenerationSpec
 from harness_fixtures.servers import Endpoint
 
 StartSim = Callable[..., tuple[Endpoint, BenchmarkCase]]
@@ -43,18 +44,24 @@ class Collector:
         return self._done.wait(timeout_s)
 
 
+def client_spec(base_url: str, served_model: str, request_timeout_s: float = 600.0) -> ClientSpec:
+    """A spec for a client given its prompts directly (the dataset fields are not read)."""
+    return ClientSpec(
+        base_url=base_url,
+        served_model=served_model,
+        generation=GenerationSpec(max_tokens=MAX_TOKENS, ignore_eos=True),
+        dataset=DatasetSpec(path="unused.json"),
+        dataset_path="unused.json",
+        request_timeout_s=request_timeout_s,
+    )
+
+
 def run_client(
-    endpoint: Endpoint, prompts: list[list[int]], *, timeout_s: float = 30, **config: Any
+    endpoint: Endpoint, prompts: list[list[int]], *, timeout_s: float = 30, request_timeout_s: float = 600.0
 ) -> tuple[StreamingClient, Collector]:
     got = Collector(len(prompts))
     client = StreamingClient(
-        ClientConfig(
-            base_url=endpoint.base_url,
-            served_model=endpoint.served_model,
-            max_tokens=MAX_TOKENS,
-            ignore_eos=True,
-            **config,
-        ),
+        client_spec(endpoint.base_url, endpoint.served_model, request_timeout_s),
         prompts,
         got.on_first,
         got.on_complete,

@@ -19,7 +19,7 @@ import yaml
 
 from harness_fixtures.config import DatasetSpec
 from harness_fixtures.dataset import load_dataset
-from harness_fixtures.engine_env import model_dir
+from harness_fixtures.servers.engine_env import model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "benchmarks" / "data"
@@ -63,7 +63,7 @@ def tokenizer() -> Any:
     tokenizers = pytest.importorskip("tokenizers", reason="the accuracy extra (tokenizers) is not installed")
     path = model_dir() / "tokenizer.json"
     if not path.is_file():
-        pytest.skip(f"no {path}: build the model folder with `python -m harness_fixtures.engine_env`")
+        pytest.skip(f"no {path}: build the model folder with `python -m harness_fixtures.servers.engine_env`")
     return tokenizers.Tokenizer.from_file(str(path))
 
 

@@ -1,4 +1,4 @@
-"""End to end on the simulator: ``run_benchmark`` (LoadGen child + client) against a SimLauncher engine,
+"""End to end on the simulator: ``pipeline.run_test`` (LoadGen child + client) against a SimLauncher engine,
 with LoadGen's numbers checked against the simulator's latency model and its own per-request records."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness_fixtures.benchmark import RunOptions, read_requests, run_benchmark
+from conftest import run_pipeline
+from harness_fixtures.client.requestlog import read_requests
 from harness_fixtures.config import BenchmarkCase
 from harness_fixtures.results import BenchmarkResult
 from harness_fixtures.servers import Endpoint
@@ -55,10 +56,11 @@ def run(
     endpoint, case = start_sim(max_tokens=TOKENS, **SIM)
     conf = tmp_path / "user.conf"
     conf.write_text(USER_CONF)
-    opts = RunOptions(user_conf=conf, request_timeout_s=30, test_timeout_s=120)
-    test_dir = tmp_path / case.test_id(scenario)
+    test_dir = tmp_path / scenario.lower()
     before = generation_tokens(endpoint)
-    result = run_benchmark(case, scenario, endpoint, opts, test_dir, case.resolve(case.dataset.path))
+    result = run_pipeline(
+        case, scenario, endpoint, test_dir, conf, request_timeout_s=30, test_timeout_s=120
+    ).result
     delta = generation_tokens(endpoint) - before
     records = requests.get(endpoint.base_url + "/sim/requests", timeout=10).json()
     return result, endpoint, test_dir, delta, records

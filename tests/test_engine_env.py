@@ -1,4 +1,4 @@
-"""Tests of harness_fixtures.engine_env: the engine venv's fast path and repairs, the model folder's
+"""Tests of harness_fixtures.servers.engine_env: the engine venv's fast path and repairs, the model folder's
 build-once and atomic publish, and the error messages.
 
 The unmarked tests run on fakes under tmp_path in well under a second each (no torch, no pip). The
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from harness_fixtures import engine_env as ee
-from harness_fixtures.engine_env import EngineEnv, EngineEnvError
+from harness_fixtures.servers import engine_env as ee
+from harness_fixtures.servers.engine_env import EngineEnv, EngineEnvError
 
 # -- fakes ------------------------------------------------------------------------------------
 
@@ -188,7 +188,14 @@ def test_cache_root_follows_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_cli_check_reports_not_ready(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "harness_fixtures.engine_env", "--cache-dir", str(tmp_path), "--check"],
+        [
+            sys.executable,
+            "-m",
+            "harness_fixtures.servers.engine_env",
+            "--cache-dir",
+            str(tmp_path),
+            "--check",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
-from harness_fixtures.results import BenchmarkResult, parse_mllog
+from harness_fixtures.loadgen.mllog import parse_mllog
+from harness_fixtures.results import BenchmarkResult
 
 if TYPE_CHECKING:
     from conftest import HarnessProject

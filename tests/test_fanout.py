@@ -1,4 +1,4 @@
-"""Client fan-out (harness_fixtures.fanout) and client-bound detection, on the simulator.
+"""Client fan-out (harness_fixtures.client.fanout) and client-bound detection, on the simulator.
 
 LoadGen stays in the runner; N worker processes stream. Checked end to end: every query completes
 exactly once, LoadGen's recorded token ids are the server's, first token before completion, a killed
@@ -21,10 +21,11 @@ import pytest
 import requests
 import yaml
 
-from harness_fixtures.benchmark import RunOptions, read_requests, run_benchmark
-from harness_fixtures.client import _token_chunk
+from conftest import OnChild, run_pipeline
+from harness_fixtures.client.requestlog import read_requests
+from harness_fixtures.client.sizing import auto_workers, prewarm_connections
+from harness_fixtures.client.streaming import _token_chunk
 from harness_fixtures.config import BenchmarkCase, Thresholds
-from harness_fixtures.fanout import auto_workers, prewarm_connections
 from harness_fixtures.gating import ClientBoundLimits, check_client_bound, check_thresholds
 from harness_fixtures.results import BenchmarkResult
 from harness_fixtures.servers import Endpoint
@@ -59,14 +60,20 @@ def run(
     endpoint, case = start_sim(max_tokens=TOKENS, **{**SIM, **sim})
     conf = tmp_path / "user.conf"
     conf.write_text(USER_CONF)
-    opts = RunOptions(
-        user_conf=conf, mode=mode, request_timeout_s=30, test_timeout_s=120, client_workers=workers
-    )
     test_dir = tmp_path / f"{scenario}-{mode}-{workers}"
-    result = run_benchmark(
-        case, scenario, endpoint, opts, test_dir, case.resolve(case.dataset.path), on_start=on_start
+    outcome = run_pipeline(
+        case,
+        scenario,
+        endpoint,
+        test_dir,
+        conf,
+        mode=mode,
+        events=OnChild(on_start) if on_start else None,
+        request_timeout_s=30,
+        test_timeout_s=120,
+        client_workers=workers,
     )
-    return result, endpoint, test_dir
+    return outcome.result, endpoint, test_dir
 
 
 def sim_answer(endpoint: Endpoint, prompt: list[int]) -> list[int]:
@@ -196,7 +203,7 @@ def test_fanout_completes_every_query_once_with_the_servers_tokens(
 
 
 def endpoint_dataset(test_dir: Path) -> str:
-    return str(json.loads((test_dir / "run_spec.json").read_text())["dataset_path"])
+    return str(json.loads((test_dir / "run_spec.json").read_text())["client"]["dataset_path"])
 
 
 def test_fanout_server_run_matches_the_schedule(start_sim: StartSim, tmp_path: Path) -> None:
@@ -205,9 +212,9 @@ def test_fanout_server_run_matches_the_schedule(start_sim: StartSim, tmp_path: P
     assert result.status == "VALID", result.reason
     assert result.queries.failed == 0 and result.queries.completed == result.queries.issued >= 120
     c = result.client
-    assert c["workers"] == 2 and c["requests"] == result.queries.issued
-    assert c["scheduled_qps"] and abs(c["achieved_qps"] / c["scheduled_qps"] - 1) < 0.05
-    assert c["target_qps"] == 60
+    assert c.workers == 2 and c.requests == result.queries.issued
+    assert c.scheduled_qps and c.achieved_qps and abs(c.achieved_qps / c.scheduled_qps - 1) < 0.05
+    assert c.target_qps == 60
     assert check_client_bound(result.model_dump(mode="json")) == [], c
     client = json.loads((test_dir / "client.json").read_text())
     assert sum(w["requests"] for w in client["worker_processes"]) == result.queries.issued
@@ -224,7 +231,9 @@ def test_killed_worker_fails_its_queries_and_loadgen_finishes(start_sim: StartSi
                 try:
                     runner = psutil.Process(runner_pid)
                     workers = [
-                        p for p in runner.children() if "harness_fixtures.fanout" in " ".join(p.cmdline())
+                        p
+                        for p in runner.children()
+                        if "harness_fixtures.client.fanout" in " ".join(p.cmdline())
                     ]
                     started = (Path(test_dir) / "mlperf" / "mlperf_log_detail.txt").is_file()
                 except psutil.Error:

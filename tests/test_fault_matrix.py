@@ -47,7 +47,8 @@ import pytest
 import yaml
 
 from conftest import BENCHMARK_TEST, TINY_SIM, TINY_USER_CONF, sim_case, write_dataset
-from harness_fixtures.results import BenchmarkResult, parse_mllog
+from harness_fixtures.loadgen.mllog import parse_mllog
+from harness_fixtures.results import BenchmarkResult
 from harness_fixtures.servers import EngineError, LaunchContext
 from harness_fixtures.servers import launchers as launchers_mod
 from harness_fixtures.servers.launchers import PORT_RETRIES, SimLauncher
@@ -199,7 +200,11 @@ def test_engine_hangs(harness_project: HarnessProject, deadline: str) -> None:
     test_dir = only_session(harness_project) / "a_offline"
     r = BenchmarkResult.load(test_dir / "result.yaml")
     md = yaml.safe_load((test_dir / "metadata.yaml").read_text())
-    timeouts = {k: md["run_options"][k] for k in ("request_timeout_s", "test_timeout_s")}
+    spec = md["run_spec"]
+    timeouts = {
+        "request_timeout_s": spec["client"]["request_timeout_s"],
+        "test_timeout_s": spec["test_timeout_s"],
+    }
     if deadline == "request":
         assert timeouts == {"request_timeout_s": 2.0, "test_timeout_s": 20.0}
         # Every query failed at its 2 s deadline; LoadGen completed them and finished.
@@ -360,7 +365,7 @@ def test_signal_mid_run_stops_everything_and_keeps_results(
         _wait_for(lambda: reqlog.stat().st_size > size, 30, "requests.jsonl to grow")
         ours = psutil.Process(proc.pid).children(recursive=True)
         (engine,) = [p for p in ours if "harness_fixtures.sim" in p.cmdline()]
-        (runner,) = [p for p in ours if "harness_fixtures.runner" in p.cmdline()]
+        (runner,) = [p for p in ours if "harness_fixtures.loadgen.runner" in p.cmdline()]
         groups = {proc.pid, engine.pid, runner.pid}  # the engine and LoadGen run in groups of their own
 
         t0 = time.monotonic()
@@ -393,7 +398,7 @@ SAME_SECOND_CONFTEST = """
 import datetime
 import types
 
-import harness_fixtures.plugin as plugin
+import harness_fixtures.reporting as reporting
 
 
 class Frozen(datetime.datetime):
@@ -402,7 +407,7 @@ class Frozen(datetime.datetime):
         return datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=tz)
 
 
-plugin.dt = types.SimpleNamespace(datetime=Frozen, timezone=datetime.timezone)
+reporting.dt = types.SimpleNamespace(datetime=Frozen, timezone=datetime.timezone)
 """
 
 
@@ -458,9 +463,9 @@ def test_unwritable_output_dir(harness_project: HarnessProject, where: str) -> N
 DISK_FULL_CONFTEST = """
 import errno
 
-import harness_fixtures.plugin as plugin
+import harness_fixtures.reporting as reporting
 
-real = plugin.write_yaml
+real = reporting.write_yaml
 
 
 def write_yaml(path, data):
@@ -469,7 +474,7 @@ def write_yaml(path, data):
     real(path, data)
 
 
-plugin.write_yaml = write_yaml
+reporting.write_yaml = write_yaml
 """
 
 
@@ -607,7 +612,7 @@ FAILING_COLLECTORS_CONFTEST = """
 import sys
 import types
 
-import harness_fixtures.telemetry as telemetry
+import harness_fixtures.metrics.telemetry as telemetry
 from harness_fixtures.metrics import PrometheusCollector
 
 
@@ -653,7 +658,7 @@ def test_collector_failure_is_reported_and_the_benchmark_passes(harness_project:
     test_dir = only_session(harness_project) / "a_offline"
     r = BenchmarkResult.load(test_dir / "result.yaml")
     assert r.status == "VALID" and r.queries.failed == 0
-    collectors = r.telemetry["collectors"]
+    collectors = r.telemetry.collectors
     assert collectors["engine"].startswith("failed (") and "HTTP 404" in collectors["engine"], collectors
     assert collectors["gpu"].startswith("failed (") and "NVML error 15" in collectors["gpu"], collectors
     assert collectors["host"] == "ok"

@@ -110,7 +110,7 @@ def test_vllm_missing_executable_says_how_to_fix(tmp_path: Path, monkeypatch: py
 def test_vllm_builtin_engine_and_model_resolve_to_the_prepared_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from harness_fixtures import engine_env
+    from harness_fixtures.servers import engine_env
 
     fake = engine_env.EngineEnv(
         venv=tmp_path, python=tmp_path / "py", vllm=tmp_path / "bin" / "vllm", version="x"

@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from harness_fixtures.mlflow_export import (
+from harness_fixtures.exporters.mlflow.records import (
     RESULT_ID_TAG,
     build_record,
     build_session_record,
     public_uri,
-    read_timeline,
-    tracking_uri_from,
+    series_points,
 )
-from harness_fixtures.results import BenchmarkResult
+from harness_fixtures.exporters.mlflow.upload import tracking_uri_from
+from harness_fixtures.results import BenchmarkResult, Violation
 
 if TYPE_CHECKING:
     from conftest import HarnessProject
@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "upload_to_mlflow.py"
 TOKEN = f"sekrit-{uuid.uuid4().hex}"
-ACCURACY = {"scores": {"rouge1": 38.91, "rouge2": 16.02, "rougeL": 24.5, "gen_len": 812.0}, "target": "fake"}
+ACCURACY = {
+    "scores": {"rouge1": 38.91, "rouge2": 16.02, "rougeL": 24.5, "gen_len": 812.0},
+    "target": {"rouge1": 38.0},
+}
 # MLflow must not phone home from a test, nor read a developer's own tracking settings.
 HERMETIC_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 # The server's background job runner (four huey consumers) is not needed for tracking; it doubles the
@@ -268,13 +271,14 @@ def _result_and_metadata(tmp_path: Path, **result: Any) -> tuple[dict[str, Any],
             "git": {"sha": "abc123"},
         },
         "outputs": {"test_dir": str(test_dir)},
-        "run_options": {"sample_count": 10},
+        "run_spec": {"min_query_count": 10, "client": {"sample_count": 10}},
     }
     return res, md
 
 
 def test_record_holds_params_metrics_tags_and_a_stable_result_id(tmp_path: Path) -> None:
-    res, md = _result_and_metadata(tmp_path, accuracy=ACCURACY, gate=[{"message": "tokens_per_s too low"}])
+    low = Violation.make("tokens_per_s", 1.0, 2.0, "higher_is_better", "threshold")
+    res, md = _result_and_metadata(tmp_path, accuracy=ACCURACY, gate=[low])
     rec = build_record(res, md)
     assert rec.params["engine.kind"] == "vllm"
     assert rec.params["engine.version"] == "0.32.0"
@@ -286,7 +290,7 @@ def test_record_holds_params_metrics_tags_and_a_stable_result_id(tmp_path: Path)
     assert rec.metrics["accuracy.scores.rouge1"] == 38.91
     assert rec.tags["status"] == "VALID"
     assert rec.tags["gate"] == "fail"
-    assert rec.tags["gate.violations"] == "tokens_per_s too low"
+    assert rec.tags["gate.violations"] == low.message
     assert rec.tags["hardware.gpu"] == "2 x H100"
     assert rec.dicts.keys() == {"result.yaml", "metadata.yaml"}  # no files on disk: from the dicts
     assert build_record(res, md).result_id == rec.result_id
@@ -303,7 +307,7 @@ def test_credentials_never_reach_params_or_tags(tmp_path: Path, monkeypatch: pyt
         text = repr((rec.params, rec.tags))
         assert TOKEN not in text
         assert "bob:" not in text
-    assert public_uri(f"https://bob:{TOKEN}@mlflow.example:8443/x") == "https://mlflow.example:8443/x"
+    assert public_uri(f"https://bob:{TOKEN}@mlflow.example:8443/x") == "https://***@mlflow.example:8443/x"
 
 
 def test_timeline_becomes_stepped_series(tmp_path: Path) -> None:
@@ -312,7 +316,7 @@ def test_timeline_becomes_stepped_series(tmp_path: Path) -> None:
         "# schema_version=1 t0_unix_s=1000.5\nt_s,source,series,value\n"
         "0.25,engine,running,1\n1.5,engine,running,3\n1.5,gpu,power_w,nan\nbad,row,x,1\n"
     )
-    points = read_timeline(p, 0)
+    points = series_points(p, 0)
     assert [(x.key, x.step, x.value, x.timestamp_ms) for x in points] == [
         ("timeline.engine.running", 250, 1.0, 1000750),
         ("timeline.engine.running", 1500, 3.0, 1002000),

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness_fixtures.results import parse_mllog
-from harness_fixtures.userconf import parse_user_conf
+from harness_fixtures.loadgen.mllog import parse_mllog
+from harness_fixtures.loadgen.userconf import parse_user_conf
 
 if TYPE_CHECKING:
     from conftest import HarnessProject

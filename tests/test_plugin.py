@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
-from harness_fixtures.results import BenchmarkResult
+from harness_fixtures.results import SCHEMA_VERSION, BenchmarkResult
 
 if TYPE_CHECKING:
     from conftest import HarnessProject
@@ -98,13 +98,18 @@ def test_run_writes_results_calls_hooks_once_and_reports(harness_project: Harnes
         for key in ("schema_version", "test_id", "status", "queries", "tokens_per_s", "ttft_ms", "tpot_ms"):
             assert key in raw, f"{test_id}/result.yaml lacks {key!r}"
         r = BenchmarkResult.load(session / test_id / "result.yaml")
-        assert (r.schema_version, r.test_id, r.scenario, r.status) == (1, test_id, scenario, "VALID")
+        assert (r.schema_version, r.test_id, r.scenario, r.status) == (
+            SCHEMA_VERSION,
+            test_id,
+            scenario,
+            "VALID",
+        )
         assert r.queries.issued > 0
         assert r.queries.completed == r.queries.issued and r.queries.failed == 0
         assert r.queries.output_tokens == 8 * r.queries.completed  # max_tokens 8, ignore_eos
         assert r.tokens_per_s is not None and r.tokens_per_s > 0
         md = yaml.safe_load((session / test_id / "metadata.yaml").read_text())
-        assert md["schema_version"] == 1
+        assert md["schema_version"] == SCHEMA_VERSION
         assert md["test_id"] == test_id
         assert md["ci_job"] == "job-42"  # added by pytest_harness_update_metadata
         assert md["engine"]["kind"] == "sim"
@@ -114,7 +119,7 @@ def test_run_writes_results_calls_hooks_once_and_reports(harness_project: Harnes
     listed = yaml.safe_load((session / "session.yaml").read_text())["results"]
     assert [r["test_id"] for r in listed] == ["a_offline", "a_server"]
     assert (session / "summary.png").stat().st_size > 20_000
-    assert str(session / "a_server" / "plots" / "latency_cdf.png") in server.telemetry["plots"]
+    assert str(session / "a_server" / "plots" / "latency_cdf.png") in server.telemetry.plots
 
     # JUnit XML: the compact harness_* properties, not the internal JSON payload.
     junit_text = (harness_project.path / "junit.xml").read_text()

@@ -1,4 +1,4 @@
-"""MLLOG parsing (harness_fixtures.results) on real LoadGen logs.
+"""MLLOG parsing (harness_fixtures.loadgen.mllog) on real LoadGen logs.
 
 The logs come from tiny LoadGen runs with a do-nothing SUT (module fixture, one subprocess): every
 sample answers with N_TOKENS tokens, so the numbers LoadGen logs can be checked against what the SUT
@@ -15,13 +15,24 @@ from typing import Any
 
 import pytest
 
-from harness_fixtures.results import (
-    MllogError,
-    invalid_constraints,
-    latency_limits,
-    metrics_from_mllog,
-    parse_mllog,
-)
+from harness_fixtures.loadgen.mllog import LoadGenRun, MllogError, invalid_constraints, parse_mllog
+
+
+def metrics_from_mllog(values: dict[str, Any]) -> dict[str, Any]:
+    run = LoadGenRun(values)
+    return {
+        "samples_per_s": run.samples_per_s,
+        "tokens_per_s": run.tokens_per_s,
+        "ttft_ms": run.ttft_ms,
+        "tpot_ms": run.tpot_ms,
+        "latency_ms": run.latency_ms,
+        "settings": run.settings,
+    }
+
+
+def latency_limits(values: dict[str, Any]) -> tuple[dict[str, float] | None, float | None]:
+    return LoadGenRun(values).latency_limits()
+
 
 N_TOKENS = 5
 OFFLINE_DELAY_S = 0.3

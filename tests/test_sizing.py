@@ -1,4 +1,4 @@
-"""Load sizing rules (harness_fixtures.sizing): whose rate a run uses, and when Offline is repeated."""
+"""Load sizing rules (harness_fixtures.loadgen.sizing): whose rate a run uses, when Offline is repeated."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from harness_fixtures.sizing import (
+from harness_fixtures.loadgen.mllog import MIN_DURATION_NOT_MET
+from harness_fixtures.loadgen.sizing import (
     MAX_OFFLINE_ATTEMPTS,
-    MIN_DURATION_ONLY,
     OFFLINE_RERUN_MARGIN,
-    LoadChoice,
     explicit_rate,
     needs_offline_rerun,
     offline_rerun,
     server_from_offline,
 )
-from harness_fixtures.userconf import parse_user_conf
+from harness_fixtures.loadgen.userconf import parse_user_conf
+from harness_fixtures.results import RateChoice
 
 
 def entries(tmp_path: Path, text: str) -> list:  # type: ignore[type-arg]
@@ -67,15 +67,15 @@ def test_server_target_is_the_fraction_of_offline() -> None:
 @pytest.mark.parametrize(
     ("scenario", "mode", "status", "invalid", "failed", "rerun"),
     [
-        ("Offline", "performance", "INVALID", [MIN_DURATION_ONLY], 0, True),
+        ("Offline", "performance", "INVALID", [MIN_DURATION_NOT_MET], 0, True),
         # LoadGen's recommendation follows the failed condition in the list
-        ("Offline", "performance", "INVALID", [MIN_DURATION_ONLY, "Increase expected QPS ..."], 0, True),
-        ("Offline", "performance", "INVALID", [MIN_DURATION_ONLY, "min query count not met"], 0, False),
-        ("Offline", "performance", "INVALID", [MIN_DURATION_ONLY, "early_stopping_result: x"], 0, False),
-        ("Offline", "performance", "INVALID", [MIN_DURATION_ONLY], 2, False),  # failures: no rerun
+        ("Offline", "performance", "INVALID", [MIN_DURATION_NOT_MET, "Increase expected QPS ..."], 0, True),
+        ("Offline", "performance", "INVALID", [MIN_DURATION_NOT_MET, "min query count not met"], 0, False),
+        ("Offline", "performance", "INVALID", [MIN_DURATION_NOT_MET, "early_stopping_result: x"], 0, False),
+        ("Offline", "performance", "INVALID", [MIN_DURATION_NOT_MET], 2, False),  # failures: no rerun
         ("Offline", "performance", "VALID", [], 0, False),
-        ("Offline", "accuracy", "INVALID", [MIN_DURATION_ONLY], 0, False),
-        ("Server", "performance", "INVALID", [MIN_DURATION_ONLY], 0, False),
+        ("Offline", "accuracy", "INVALID", [MIN_DURATION_NOT_MET], 0, False),
+        ("Server", "performance", "INVALID", [MIN_DURATION_NOT_MET], 0, False),
     ],
 )
 def test_only_a_too_fast_offline_run_is_repeated(
@@ -85,7 +85,7 @@ def test_only_a_too_fast_offline_run_is_repeated(
 
 
 def test_rerun_uses_the_measured_rate_with_headroom_and_keeps_the_first_reason() -> None:
-    first = LoadChoice(setting="offline_expected_qps", value=None, source="user.conf", reason="m.Offline...")
+    first = RateChoice(setting="offline_expected_qps", value=None, source="user.conf", reason="m.Offline...")
     second = offline_rerun(first, 740.0, 500.0)
     assert second.value == pytest.approx(740.0 * OFFLINE_RERUN_MARGIN)
     assert second.attempts == 2 and second.measured_from == "attempt-1"

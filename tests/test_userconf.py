@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from harness_fixtures.userconf import ConfEntry, UserConfError, lookup, parse_user_conf
+from harness_fixtures.loadgen.userconf import ConfEntry, UserConfError, lookup, parse_user_conf
 
 REPO = Path(__file__).resolve().parents[1]
 

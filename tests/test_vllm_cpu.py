@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness_fixtures import engine_env
+from harness_fixtures.servers import engine_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.engine, pytest.mark.slow]

@@ -1,7 +1,7 @@
 """Client benchmark: the real SUT path (LoadGen runner + streaming client) against the simulator.
 
 Not a test: it prints numbers. A Server-scenario QPS sweep and an Offline run go through
-``harness_fixtures.benchmark.run_benchmark`` (the same child process, LoadGen and client the pytest
+``harness_fixtures.pipeline.run_test`` (the same child process, LoadGen and client the pytest
 suite uses) against a simulator started by the suite's ``SimLauncher`` (TTFT 50 ms, ITL 5 ms, 32
 tokens, no batch limit). The simulator's ``/sim/requests`` is the truth: its per-request first-token
 and receive times (time.monotonic_ns, the same clock as the client's) are paired with the client's
@@ -36,9 +36,12 @@ from typing import Any
 
 import requests
 
-from harness_fixtures.benchmark import RunOptions, read_requests, run_benchmark
-from harness_fixtures.config import BenchmarkCase
-from harness_fixtures.results import MllogError, parse_mllog
+from harness_fixtures.client.requestlog import read_requests
+from harness_fixtures.config import BenchmarkCase, plan_runs
+from harness_fixtures.loadgen.mllog import MllogError, parse_mllog
+from harness_fixtures.options import HarnessOptions
+from harness_fixtures.pipeline import Suite, run_test
+from harness_fixtures.results import BenchmarkResult
 from harness_fixtures.servers import Endpoint, LaunchContext
 from harness_fixtures.servers.launchers import SimLauncher
 
@@ -149,6 +152,14 @@ def loadavg() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def _run(
+    case: BenchmarkCase, scenario: str, endpoint: Endpoint, options: HarnessOptions, test_dir: Path
+) -> BenchmarkResult:
+    """One run through the pipeline the pytest plugin uses (LoadGen child, client, telemetry)."""
+    (planned,) = [r for r in plan_runs(case) if r.scenario == scenario]
+    return run_test(planned, lambda: endpoint, Suite(options), test_dir).result
+
+
 def server_point(
     case: BenchmarkCase,
     endpoint: Endpoint,
@@ -162,7 +173,7 @@ def server_point(
     test_dir = work / f"server-{qps:g}-w{workers}"
     shutil.rmtree(test_dir, ignore_errors=True)
     load = loadavg()
-    opts = RunOptions(
+    options = HarnessOptions(
         user_conf=conf,
         target_qps=qps,
         min_duration_ms=int(duration_s * 1000),
@@ -172,7 +183,7 @@ def server_point(
         client_workers=workers,
     )
     sim_cpu = _SimCpu(endpoint)
-    result = run_benchmark(case, "Server", endpoint, opts, test_dir, case.resolve(case.dataset.path))
+    result = _run(case, "Server", endpoint, options, test_dir)
     sim_cpu_pct = sim_cpu.pct()
     reqs = read_requests(test_dir / "requests.jsonl")
     client = (
@@ -212,8 +223,8 @@ def server_point(
         "to_sim_p99": pct(to_sim, 99),
         "from_sim_p99": pct(from_sim, 99),
         "sim_cpu_pct": sim_cpu_pct,
-        "lag_p50": result.client.get("dispatch_lag_ms_p50"),
-        "lag_p99": result.client.get("dispatch_lag_ms_p99"),
+        "lag_p50": result.client.dispatch_lag_ms_p50,
+        "lag_p99": result.client.dispatch_lag_ms_p99,
         "status": result.status,
         "load": load,
     }
@@ -226,7 +237,7 @@ def offline_point(
     test_dir = work / f"offline-{queries}-w{workers}"
     shutil.rmtree(test_dir, ignore_errors=True)
     load = loadavg()
-    opts = RunOptions(
+    options = HarnessOptions(
         user_conf=conf,
         target_qps=1,  # the sample count comes from min_query_count
         min_duration_ms=100,
@@ -235,7 +246,7 @@ def offline_point(
         test_timeout_s=600,
         client_workers=workers,
     )
-    result = run_benchmark(case, "Offline", endpoint, opts, test_dir, case.resolve(case.dataset.path))
+    result = _run(case, "Offline", endpoint, options, test_dir)
     client = (
         json.loads((test_dir / "client.json").read_text()) if (test_dir / "client.json").is_file() else {}
     )

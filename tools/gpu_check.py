@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from harness_fixtures.metrics import NvmlCollector, read_timeline, write_timeline
-from harness_fixtures.metrics.base import series_stats
 from harness_fixtures.metrics.nvml import MIN_INTERVAL_S, gpu_series
+from harness_fixtures.stats import describe as series_stats
 
 EXIT_OK, EXIT_FAIL, EXIT_NO_LOAD, EXIT_NO_NVML, EXIT_USAGE = 0, 1, 2, 3, 64
 # Utilization must rise by this many percentage points, power by this factor, idle -> load.

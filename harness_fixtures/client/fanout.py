@@ -30,98 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import ClientConfig, RequestRecord, StreamingClient
+from .cpu import CpuSampler
+from .spec import ClientSpec
+from .streaming import RequestRecord, StreamingClient
 
-# auto_workers adds a worker per this many queries per second: issue #2's bar, where one loop uses
-# ~30 % of a core. One loop did keep TTFT error p99 within 5 ms up to 1,000 QPS, but only on a quiet
-# machine; headroom is what keeps p99 low when other processes compete (docs/performance.md).
-QPS_PER_WORKER = 400.0
-CPU_BOUND_PCT = 90.0  # a process at >= 90 % of one core is saturated (one GIL: its ceiling is ~100 %)
 START_TIMEOUT_S = 60.0
 _PIPE_SIZE = 1 << 20  # big pipes: an Offline issue of thousands of queries should not block LoadGen
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def auto_workers(scenario: str, rate_qps: float | None, cpus: int | None = None) -> int:
-    """Client worker processes for a run: ``min(cpus − 1, ceil(rate / QPS_PER_WORKER))``, at least 1.
-
-    ``rate_qps`` is LoadGen's effective rate: ``server_target_qps`` (Server) or ``offline_expected_qps``
-    (Offline: what the SUT is expected to complete, so also what the client must stream). SingleStream
-    keeps one query in flight: always 1. One core stays for the runner (LoadGen, the receiver thread)
-    and the OS, so a 2-core machine always gets the in-process client: measured there, a second
-    worker process only adds contention (docs/performance.md).
-    """
-    if scenario == "SingleStream" or not rate_qps or rate_qps <= QPS_PER_WORKER:
-        return 1
-    return max(1, min((cpus or usable_cpus()) - 1, math.ceil(rate_qps / QPS_PER_WORKER)))
-
-
-def prewarm_connections(
-    scenario: str,
-    rate_qps: float | None,
-    latency_s: float,
-    min_query_count: int,
-    min_duration_s: float,
-    max_connections: int,
-) -> int:
-    """Connections to open before LoadGen starts: the concurrency the run will reach, with room.
-
-    Server: ``1.5 × rate × latency`` (Little's law; latency from the warm-up request). Offline: every
-    query is issued at once, so as many as it will issue (LoadGen: max(min_query_count, 1.1 × expected
-    QPS × min_duration)). SingleStream: 1. Never more than ``max_connections``.
-    """
-    if scenario == "SingleStream" or not rate_qps:
-        want = 1
-    elif scenario == "Server":
-        want = math.ceil(1.5 * rate_qps * max(latency_s, 0.001)) + 4
-    else:
-        want = max(min_query_count, math.ceil(1.1 * rate_qps * min_duration_s))
-    return max(1, min(want, max_connections))
-
-
-class CpuSampler:
-    """This process's CPU use (all threads), % of one core, once per ``interval_s`` on its own thread."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="harness-cpu", daemon=True)
-        self._t0 = time.monotonic()
-        self._c0 = time.process_time()
-
-    def start(self) -> CpuSampler:
-        self._t0, self._c0 = time.monotonic(), time.process_time()
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        t, c = self._t0, self._c0
-        while not self._stop.wait(self.interval_s):
-            t1, c1 = time.monotonic(), time.process_time()
-            self.samples.append(round(100 * (c1 - c) / max(t1 - t, 1e-9), 1))
-            t, c = t1, c1
-
-    def stop(self) -> dict[str, Any]:
-        """Stop; return {cpu_s, cpu_pct (mean), cpu_bound_fraction, cpu_samples}."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2 * self.interval_s)
-        wall = max(time.monotonic() - self._t0, 1e-9)
-        cpu = time.process_time() - self._c0
-        n = len(self.samples)
-        return {
-            "cpu_s": round(cpu, 3),
-            "cpu_pct": round(100 * cpu / wall, 1),
-            "cpu_bound_fraction": round(sum(v >= CPU_BOUND_PCT for v in self.samples) / n, 4) if n else None,
-            "cpu_samples": n,
-        }
 
 
 @dataclass
@@ -144,19 +58,19 @@ class _Worker:
 class FanoutClient:
     """StreamingClient's interface over ``workers`` processes; callbacks run on one receiver thread.
 
-    :param spec_json: the runner's RunSpec as JSON; each worker builds its prompts and ClientConfig
-        from it exactly as the in-process path does.
+    :param spec: the run's client spec; each worker builds its prompts and client from it exactly as
+        the in-process path does.
     :param workers: number of worker processes (>= 2 makes sense; 1 works too).
     """
 
     def __init__(
         self,
-        spec_json: str,
+        spec: ClientSpec,
         workers: int,
         on_first_token: Callable[[RequestRecord], None],
         on_complete: Callable[[RequestRecord], None],
     ) -> None:
-        self._spec_json = spec_json
+        self._spec_json = spec.model_dump_json()
         self.n_workers = workers
         self._on_first_token = on_first_token
         self._on_complete = on_complete
@@ -207,7 +121,7 @@ class FanoutClient:
 
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)  # type: ignore[attr-defined]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "harness_fixtures.fanout", str(index), str(to_w_r), str(from_w_w)],
+            [sys.executable, "-m", "harness_fixtures.client.fanout", str(index), str(to_w_r), str(from_w_w)],
             pass_fds=(to_w_r, from_w_w),
             stdin=subprocess.DEVNULL,  # stdout/stderr: inherited, so into the runner's harness.log
         )
@@ -438,8 +352,6 @@ def _record_from(values: Sequence[Any]) -> RequestRecord:
 
 # -- worker process ------------------------------------------------------------------------------
 def worker_main(index: int, in_fd: int, out_fd: int) -> int:
-    from .runner import RunSpec, client_config, load_prompts
-
     rfile = os.fdopen(in_fd, "rb", buffering=0)
     write_lock = threading.Lock()
 
@@ -454,8 +366,7 @@ def worker_main(index: int, in_fd: int, out_fd: int) -> int:
             return 0  # the runner went away before sending the spec
         first += chunk
     spec_line, _, rest = first.partition(b"\n")
-    spec = RunSpec.model_validate_json(spec_line)
-    config: ClientConfig = client_config(spec)
+    spec = ClientSpec.model_validate_json(spec_line)
 
     def on_first(rec: RequestRecord) -> None:
         send(b"F %d %d %d\n" % (rec.query_id, rec.first_token_ns, rec.first_token_id or 0))
@@ -464,7 +375,7 @@ def worker_main(index: int, in_fd: int, out_fd: int) -> int:
         send(b"C " + json.dumps(_record_to(rec), separators=(",", ":")).encode() + b"\n")
         rec.token_ids = []  # sent; the record stays in client.records for the whole run
 
-    client = StreamingClient(config, load_prompts(spec), on_first, on_complete)
+    client = StreamingClient(spec, spec.load_prompts(), on_first, on_complete)
     client.start()
     cpu: CpuSampler | None = None  # from the first query on: the run, not the start-up
     send(b"H\n")
@@ -500,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3:
         print(
-            "usage: python -m harness_fixtures.fanout INDEX IN_FD OUT_FD (started by the runner)",
+            "usage: python -m harness_fixtures.client.fanout INDEX IN_FD OUT_FD (started by the runner)",
             file=sys.stderr,
         )
         return 2

@@ -18,11 +18,10 @@ a rate on the command line or in user.conf, the harness derives it from what thi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from .results import VALIDITY_CHECKS, failed_checks
+from ..results import BenchmarkResult, RateChoice
+from .mllog import MIN_DURATION_NOT_MET, failed_checks
 from .userconf import ConfEntry, lookup
 
 # Offline samples/s grows with the batch the engine sees; a rerun issues more samples than the run
@@ -31,49 +30,25 @@ OFFLINE_RERUN_MARGIN = 1.25
 # A short first run measures a small batch, below what the engine reaches with more samples; one more
 # rerun covers that. Each attempt measures at a larger sample count, so the estimate only rises.
 MAX_OFFLINE_ATTEMPTS = 3
-MIN_DURATION_ONLY = VALIDITY_CHECKS["result_min_duration_met"]
-
-Setting = Literal["offline_expected_qps", "server_target_qps", "single_stream_expected_latency_ms"]
-Source = Literal["command line", "user.conf", "measured", "loadgen default"]
 
 # The user.conf key that sets each LoadGen scenario's rate (LoadGen reads target_latency as the
-# SingleStream expected latency, in ms).
-RATE_KEY: dict[str, tuple[str, Setting]] = {
+# SingleStream expected latency, in ms), and the setting it becomes.
+RATE_KEY: dict[str, tuple[str, str]] = {
     "Offline": ("target_qps", "offline_expected_qps"),
     "Server": ("target_qps", "server_target_qps"),
     "SingleStream": ("target_latency", "single_stream_expected_latency_ms"),
 }
 
 
-class LoadChoice(BaseModel):
-    """What rate a run used and why; ``rate:`` in result.yaml."""
-
-    model_config = ConfigDict(extra="forbid")
-    setting: Setting = Field(description="The LoadGen setting the choice is for.")
-    value: float | None = Field(
-        description="The value passed to LoadGen; None: taken as it is from user.conf or mlperf.conf, "
-        "or measured by the runner (SingleStream: see runner_measured)."
-    )
-    source: Source = Field(description="Where the value came from.")
-    reason: str = Field(description="One sentence a user can check.")
-    measured_from: str | None = Field(
-        None, description="Test id or probe folder whose measurement sized this run."
-    )
-    measured_samples_per_s: float | None = Field(None, description="The measurement the value came from.")
-    fraction: float | None = Field(None, description="Server: share of the measured Offline samples/s.")
-    attempts: int = Field(1, description="LoadGen runs of this test (more than 1 after Offline reruns).")
-    first_reason: str | None = Field(None, description="After a rerun: why the first attempt used its rate.")
-
-
 def explicit_rate(
     entries: list[ConfEntry], loadgen_model: str, loadgen_scenario: str, cli_value: float | None
-) -> LoadChoice | None:
+) -> RateChoice | None:
     """The user's own rate for this run, or None when the harness should size it."""
     key, setting = RATE_KEY[loadgen_scenario]
     if cli_value is not None:
         value = 1000.0 / cli_value if setting == "single_stream_expected_latency_ms" else cli_value
-        return LoadChoice(
-            setting=setting,
+        return RateChoice(
+            setting=setting,  # type: ignore[arg-type]
             value=value,
             source="command line",
             reason=f"--harness-target-qps {cli_value:g}",
@@ -81,18 +56,18 @@ def explicit_rate(
     found = lookup(entries, loadgen_model, loadgen_scenario, key)
     if found is None:
         return None
-    return LoadChoice(
-        setting=setting,
+    return RateChoice(
+        setting=setting,  # type: ignore[arg-type]
         value=None,
         source="user.conf",
         reason=f"{loadgen_model}.{loadgen_scenario}.{key} = {found}",
     )
 
 
-def server_from_offline(samples_per_s: float, fraction: float, measured_from: str) -> LoadChoice:
+def server_from_offline(samples_per_s: float, fraction: float, measured_from: str) -> RateChoice:
     """Server target QPS as a share of the measured Offline throughput."""
     qps = round(samples_per_s * fraction, 4)
-    return LoadChoice(
+    return RateChoice(
         setting="server_target_qps",
         value=qps,
         source="measured",
@@ -103,14 +78,37 @@ def server_from_offline(samples_per_s: float, fraction: float, measured_from: st
     )
 
 
-def single_stream_from_warmup() -> LoadChoice:
+def single_stream_from_warmup() -> RateChoice:
     """SingleStream expected latency: the runner sets it from the warm-up request's latency."""
-    return LoadChoice(
+    return RateChoice(
         setting="single_stream_expected_latency_ms",
         value=None,
         source="measured",
         reason="the warm-up request's latency, measured just before LoadGen started",
     )
+
+
+def offline_rate(loadgen_model: str) -> RateChoice:
+    """Offline with no expected QPS of the user's: LoadGen's default, corrected by a rerun if needed."""
+    return RateChoice(
+        setting="offline_expected_qps",
+        value=None,
+        source="loadgen default",
+        reason=f"no {loadgen_model}.Offline.target_qps in user.conf: LoadGen's default; an Offline run "
+        "that ends before min_duration is repeated at the measured rate",
+    )
+
+
+def usable_offline_measurement(result: BenchmarkResult) -> float | None:
+    """An Offline run's samples/s when it can size the model's Server load: completed without failures
+    (VALID, or INVALID only because it outran min_duration)."""
+    if (
+        result.samples_per_s
+        and result.queries.failed == 0
+        and (result.status == "VALID" or failed_checks(result.invalid_constraints) == [MIN_DURATION_NOT_MET])
+    ):
+        return float(result.samples_per_s)
+    return None
 
 
 def needs_offline_rerun(scenario: str, mode: str, status: str, invalid: list[str], failed: int) -> bool:
@@ -119,16 +117,16 @@ def needs_offline_rerun(scenario: str, mode: str, status: str, invalid: list[str
         scenario == "Offline"
         and mode == "performance"
         and status == "INVALID"
-        and failed_checks(invalid) == [MIN_DURATION_ONLY]
+        and failed_checks(invalid) == [MIN_DURATION_NOT_MET]
         and failed == 0
     )
 
 
-def offline_rerun(previous: LoadChoice, samples_per_s: float, previous_value: float | None) -> LoadChoice:
+def offline_rerun(previous: RateChoice, samples_per_s: float, previous_value: float | None) -> RateChoice:
     """The next Offline attempt: the rate the last one measured, with headroom, and why."""
     qps = round(samples_per_s * OFFLINE_RERUN_MARGIN, 4)
     was = f"{previous_value:g}" if previous_value is not None else "the configured value"
-    return LoadChoice(
+    return RateChoice(
         setting="offline_expected_qps",
         value=qps,
         source="measured",
@@ -144,5 +142,31 @@ def offline_rerun(previous: LoadChoice, samples_per_s: float, previous_value: fl
     )
 
 
-def _first_reason(choice: LoadChoice) -> str:
+def _first_reason(choice: RateChoice) -> str:
     return choice.first_reason or f"{choice.source}: {choice.reason}"
+
+
+def expected_queries(
+    entries: list[Any],
+    model: str,
+    scenario: str,
+    sample_count: int,
+    target_qps: float | None = None,
+    min_duration_ms: int | None = None,
+    min_query_count: int | None = None,
+) -> int | None:
+    """LoadGen's query count, roughly: min_query_count and target_qps × min_duration, each from the
+    run's overrides (command line, measured load) or else user.conf."""
+
+    def num(key: str, override: float | None) -> float | None:
+        if override is not None:
+            return float(override)
+        v = lookup(entries, model, scenario, key)
+        return float(v) if v is not None else None
+
+    min_q = num("min_query_count", min_query_count) or 0
+    qps = num("target_qps", target_qps) or 0
+    dur_s = (num("min_duration", min_duration_ms) or 0) / 1000
+    if scenario == "Offline":
+        return int(max(min_q, qps * dur_s * 1.1)) or sample_count
+    return int(max(min_q, qps * dur_s)) or None

@@ -1,10 +1,10 @@
 """Streaming OpenAI-compatible client: one asyncio event loop (uvloop when available) on its own thread.
 
-FACTS.md §3 measured this as the best single-process design: callers hand work over with
+Measured as the best single-process design (docs/performance.md): callers hand work over with
 ``submit`` (thread-safe, returns at once) and get ``on_first_token`` / ``on_complete`` callbacks on
 the loop thread with the timestamps the loop observed. Token ids come from the server's per-chunk
 ``token_ids`` (vLLM's ``return_token_ids``); a request that fails is reported with an error and no
-tokens — never with made-up ones. HTTP goes through :mod:`harness_fixtures.http_stream`, which parses
+tokens — never with made-up ones. HTTP goes through :mod:`harness_fixtures.client.http`, which parses
 SSE events inside the protocol callback (half the CPU per request of aiohttp's stream reader).
 """
 
@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .http_stream import ConnectionPool, HttpError, RequestTimeout, Response
+from .http import ConnectionPool, HttpError, RequestTimeout, Response
+from .spec import ClientSpec
 
 # The fast path of a token chunk: vLLM's compact JSON puts each choice's ids after this key.
 _TOKEN_IDS = b'"token_ids":['
@@ -50,35 +51,17 @@ FirstTokenCallback = Callable[[RequestRecord], None]
 CompleteCallback = Callable[[RequestRecord], None]
 
 
-@dataclass(frozen=True)
-class ClientConfig:
-    base_url: str
-    served_model: str
-    api: str = "completions"
-    max_tokens: int = 128
-    min_tokens: int = 1
-    temperature: float = 0.0
-    top_k: int = 1
-    top_p: float = 1.0
-    seed: int | None = 42
-    ignore_eos: bool = False
-    extra_body: dict[str, Any] = field(default_factory=dict)
-    request_timeout_s: float = 600.0
-    max_connections: int = 1024
-    api_key: str | None = field(default=None, repr=False)  # never printed: repr=False
-
-
 class StreamingClient:
     """Sends prompts, streams answers, reports first token and completion through callbacks."""
 
     def __init__(
         self,
-        config: ClientConfig,
+        spec: ClientSpec,
         prompts: Sequence[list[int] | str],
         on_first_token: FirstTokenCallback,
         on_complete: CompleteCallback,
     ) -> None:
-        self.config = config
+        self.spec = spec
         self._prompts = prompts
         self._on_first_token = on_first_token
         self._on_complete = on_complete
@@ -91,10 +74,11 @@ class StreamingClient:
         self.records: list[RequestRecord] = []
         self.failed = 0
         self.first_error: str | None = None
-        self._path = "/v1/completions" if config.api == "completions" else "/v1/chat/completions"
+        self._path = "/v1/completions" if spec.generation.api == "completions" else "/v1/chat/completions"
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if config.api_key:
-            self._headers["Authorization"] = f"Bearer {config.api_key}"
+        api_key = spec.api_key()
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._head = b""
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -117,7 +101,7 @@ class StreamingClient:
         self._loop.run_forever()
 
     async def _open(self) -> None:
-        self._pool = ConnectionPool(self.config.base_url, limit=self.config.max_connections)
+        self._pool = ConnectionPool(self.spec.base_url, limit=self.spec.max_connections)
         self._head = self._pool.request_head(self._path, self._headers)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -171,9 +155,9 @@ class StreamingClient:
         return fut.result(timeout_s + 5)
 
     def _payload(self, prompt: list[int] | str) -> dict[str, Any]:
-        c = self.config
+        c = self.spec.generation
         body: dict[str, Any] = {
-            "model": c.served_model,
+            "model": self.spec.served_model,
             "max_tokens": c.max_tokens,
             "min_tokens": c.min_tokens,
             "temperature": c.temperature,
@@ -208,7 +192,7 @@ class StreamingClient:
         try:
             rec.sent_ns = time.monotonic_ns()
             resp = await self._pool.post(
-                self._head, body, stream.feed, self.config.request_timeout_s, stream.head
+                self._head, body, stream.feed, self.spec.request_timeout_s, stream.head
             )
             if resp.status != 200:
                 raise _RequestFailed(f"HTTP {resp.status}: {resp.body[:300].decode(errors='replace')}")

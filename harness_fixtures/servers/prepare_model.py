@@ -1,7 +1,7 @@
 """Convert a GGUF checkpoint into a float32 Hugging Face folder that ``vllm serve`` can load.
 
 Runs INSIDE the engine venv (torch + transformers + gguf there), started by
-``harness_fixtures.engine_env.ensure_model``; it imports nothing from harness_fixtures, so it also
+``harness_fixtures.servers.engine_env.ensure_model``; it imports nothing from harness_fixtures, so it also
 works as a plain script::
 
     python prepare_model.py --gguf PATH --out DIR

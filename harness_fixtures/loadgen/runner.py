@@ -1,7 +1,7 @@
-"""One LoadGen test in its own process: ``python -m harness_fixtures.runner RUN_SPEC.json``.
+"""One LoadGen test in its own process: ``python -m harness_fixtures.loadgen.runner RUN_SPEC.json``.
 
 LoadGen's config state is process-global — only the first ``FromConfig`` in a process loads the
-built-in mlperf.conf (FACTS.md §2) — so every test runs here, in a fresh process, exactly as a
+built-in mlperf.conf (docs/loadgen.md) — so every test runs here, in a fresh process, exactly as a
 standalone MLPerf run would. The process also isolates LoadGen crashes and hangs from pytest.
 
 Outputs in the test folder: ``mlperf/`` (LoadGen logs), ``requests.jsonl`` (one line per request,
@@ -18,90 +18,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from .client import ClientConfig, RequestRecord, StreamingClient
-from .config import DatasetSpec, GenerationSpec
-from .dataset import load_dataset
-from .fanout import CpuSampler, FanoutClient, auto_workers, prewarm_connections
-from .userconf import parse_user_conf
-
-
-class RunSpec(BaseModel):
-    """Everything the child process needs; written by the parent as run_spec.json (no secrets)."""
-
-    model_config = ConfigDict(extra="forbid")
-    test_id: str
-    out_dir: str
-    base_url: str
-    served_model: str
-    api_key_env: str | None = None  # the NAME of the variable; the value never touches disk
-    dataset: DatasetSpec
-    dataset_path: str
-    generation: GenerationSpec
-    user_conf: str
-    loadgen_model: str
-    loadgen_scenario: Literal["Offline", "Server", "SingleStream"]
-    mode: Literal["performance", "accuracy"] = "performance"
-    target_qps: float | None = None
-    min_duration_ms: int | None = None
-    min_query_count: int | None = None
-    sample_count: int | None = None
-    request_timeout_s: float = 600.0
-    max_connections: int = 1024
-    warmup: bool = True
-    client_workers: int | None = None  # None: auto (fanout.auto_workers); 1: the in-process client
-    # SingleStream sized by the harness (harness_fixtures.sizing): the expected latency is the
-    # warm-up request's, measured here just before LoadGen starts.
-    single_stream_latency_from_warmup: bool = False
-    t0_monotonic_ns: int | None = None  # the test's t0, shared with the parent's collectors
+from ..client.cpu import CpuSampler
+from ..client.fanout import FanoutClient
+from ..client.requestlog import RequestLogWriter
+from ..client.sizing import auto_workers, prewarm_connections
+from ..client.streaming import RequestRecord, StreamingClient
+from .spec import RunSpec
 
 
-class _RequestLog:
-    """Appends finished requests to requests.jsonl from the client thread; flushed about once a second."""
-
-    def __init__(self, path: Path, t0_ns: int) -> None:
-        self._fh = path.open("w", buffering=1 << 16)
-        self._t0 = t0_ns
-        self._last_flush = time.monotonic()
-        self._lock = threading.Lock()
-
-    def _s(self, ns: int) -> float | None:
-        return round((ns - self._t0) / 1e9, 6) if ns else None
-
-    def write(self, r: RequestRecord) -> None:
-        line = {
-            "query_id": r.query_id,
-            "sample_index": r.sample_index,
-            "issued_s": self._s(r.issued_ns),
-            "sent_s": self._s(r.sent_ns),
-            "first_token_s": self._s(r.first_token_ns),
-            "done_s": self._s(r.done_ns),
-            "n_tokens": r.n_tokens,
-            "finish_reason": r.finish_reason,
-            "status": r.status,
-            "error": r.error,
-            "server_request_id": r.server_request_id,
-        }
-        with self._lock:
-            self._fh.write(json.dumps(line) + "\n")
-            now = time.monotonic()
-            if now - self._last_flush > 1.0:
-                self._fh.flush()
-                self._last_flush = now
-
-    def flush(self) -> None:
-        with self._lock:
-            self._fh.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._fh.close()
-
-
-def _apply_overrides(lg: Any, settings: Any, spec: RunSpec) -> None:
+def _apply_overrides(settings: Any, spec: RunSpec) -> None:
     if spec.target_qps is not None:
         if spec.loadgen_scenario == "Server":
             settings.server_target_qps = spec.target_qps
@@ -116,37 +43,6 @@ def _apply_overrides(lg: Any, settings: Any, spec: RunSpec) -> None:
         settings.min_query_count = spec.min_query_count
 
 
-def load_prompts(spec: RunSpec) -> list[list[int] | str]:
-    """What is sent per sample index: token ids (completions) or the input text (chat)."""
-    ds = load_dataset(spec.dataset, Path(spec.dataset_path))
-    n_samples = min(len(ds), spec.sample_count) if spec.sample_count else len(ds)
-    prompts: list[list[int] | str] = []
-    prompts.extend(
-        ds.tok_inputs[:n_samples] if spec.generation.api == "completions" else ds.inputs[:n_samples]
-    )
-    return prompts
-
-
-def client_config(spec: RunSpec) -> ClientConfig:
-    gen = spec.generation
-    return ClientConfig(
-        base_url=spec.base_url,
-        served_model=spec.served_model,
-        api=gen.api,
-        max_tokens=gen.max_tokens,
-        min_tokens=gen.min_tokens,
-        temperature=gen.temperature,
-        top_k=gen.top_k,
-        top_p=gen.top_p,
-        seed=gen.seed,
-        ignore_eos=gen.ignore_eos,
-        extra_body=gen.extra_body,
-        request_timeout_s=spec.request_timeout_s,
-        max_connections=spec.max_connections,
-        api_key=os.environ.get(spec.api_key_env) if spec.api_key_env else None,
-    )
-
-
 def run(spec: RunSpec) -> int:
     import mlperf_loadgen as lg
 
@@ -154,8 +50,8 @@ def run(spec: RunSpec) -> int:
     mlperf_dir = out / "mlperf"
     mlperf_dir.mkdir(parents=True, exist_ok=True)
     t0_ns = spec.t0_monotonic_ns or time.monotonic_ns()
-    parse_user_conf(Path(spec.user_conf))  # the parent validated it too; never let LoadGen see typos
-    prompts = load_prompts(spec)
+    # user.conf was validated by the parent before any engine started: LoadGen itself ignores typos.
+    prompts = spec.client.load_prompts()
     n_samples = len(prompts)
 
     settings = lg.TestSettings()
@@ -166,10 +62,10 @@ def run(spec: RunSpec) -> int:
     settings.scenario = getattr(lg.TestScenario, spec.loadgen_scenario)
     settings.mode = lg.TestMode.AccuracyOnly if spec.mode == "accuracy" else lg.TestMode.PerformanceOnly
     settings.use_token_latencies = True
-    _apply_overrides(lg, settings, spec)
+    _apply_overrides(settings, spec)
 
-    gen = spec.generation
-    reqlog = _RequestLog(out / "requests.jsonl", t0_ns)
+    gen = spec.client.generation
+    reqlog = RequestLogWriter(out / "requests.jsonl", t0_ns)
     unanswered: dict[int, tuple[int, int]] = {}  # query id → (sample index, issued ns) until completed
     # LoadGen reads response buffers during the *Complete call; keep them alive until then.
     keep: dict[int, array.array[int]] = {}
@@ -240,16 +136,16 @@ def run(spec: RunSpec) -> int:
     workers = spec.client_workers or auto_workers(spec.loadgen_scenario, rate)
     client: StreamingClient | FanoutClient
     if workers == 1:
-        client = StreamingClient(client_config(spec), prompts, on_first, on_complete)
+        client = StreamingClient(spec.client, prompts, on_first, on_complete)
     else:
-        # LoadGen stays here; HTTP streams go to worker processes (harness_fixtures.fanout).
-        client = FanoutClient(spec.model_dump_json(), workers, on_first, on_complete)
+        # LoadGen stays here; HTTP streams go to worker processes (harness_fixtures.client.fanout).
+        client = FanoutClient(spec.client, workers, on_first, on_complete)
     print(f"client: {workers} worker process(es) for {spec.loadgen_scenario} at {rate} QPS", flush=True)
     client.start()
     _keep_results_on_sigterm(out, reqlog, client, unanswered)
     warmup: dict[str, Any] = {}
     if spec.warmup:
-        w = client.warmup(0, timeout_s=spec.request_timeout_s)
+        w = client.warmup(0, timeout_s=spec.client.request_timeout_s)
         warmup = {
             "status": w.status,
             "error": w.error,
@@ -266,9 +162,9 @@ def run(spec: RunSpec) -> int:
             (w.done_ns - w.sent_ns) / 1e9,
             settings.min_query_count,
             settings.min_duration_ms / 1000,
-            spec.max_connections,
+            spec.client.max_connections,
         )
-        warmup["connections"] = client.prewarm(want, timeout_s=min(60.0, spec.request_timeout_s))
+        warmup["connections"] = client.prewarm(want, timeout_s=min(60.0, spec.client.request_timeout_s))
 
     def issue(samples: list[Any]) -> None:
         now = time.monotonic_ns()
@@ -280,7 +176,7 @@ def run(spec: RunSpec) -> int:
         pass
 
     sut = lg.ConstructSUT(issue, flush)
-    qsl = lg.ConstructQSL(n_samples, spec.dataset.performance_sample_count or n_samples, _noop, _noop)
+    qsl = lg.ConstructQSL(n_samples, spec.performance_sample_count or n_samples, _noop, _noop)
     log_out = lg.LogOutputSettings()
     log_out.outdir = str(mlperf_dir)
     log_out.copy_summary_to_stdout = True
@@ -326,7 +222,7 @@ def run(spec: RunSpec) -> int:
 
 
 def _keep_results_on_sigterm(
-    out: Path, reqlog: _RequestLog, client: Any, unanswered: dict[int, tuple[int, int]]
+    out: Path, reqlog: RequestLogWriter, client: Any, unanswered: dict[int, tuple[int, int]]
 ) -> None:
     """On SIGTERM (the test deadline, or pytest interrupted) write what was measured, then exit.
 
@@ -375,7 +271,7 @@ def _noop(_: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m harness_fixtures.runner RUN_SPEC.json", file=sys.stderr)
+        print("usage: python -m harness_fixtures.loadgen.runner RUN_SPEC.json", file=sys.stderr)
         return 2
     spec = RunSpec.model_validate_json(Path(args[0]).read_text())
     return run(spec)

@@ -29,9 +29,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import pickle
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +38,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness_fixtures.nltk_punkt import PunktUnavailableError, ensure_punkt
+from ..config import DatasetSpec
+from ..dataset import DatasetError, load_dataset
+from ..stats import round4
+from .punkt import PunktUnavailableError, ensure_punkt
 
 __all__ = [
     "MLPERF_TARGETS",
@@ -47,8 +49,6 @@ __all__ = [
     "AccuracyInputError",
     "AccuracyScores",
     "AccuracyTarget",
-    "check_accuracy",
-    "load_dataset_outputs",
     "load_tokenizer_decoder",
     "main",
     "postprocess",
@@ -319,73 +319,7 @@ def _clean_up_tokenization(text: str) -> str:
     )
 
 
-# --------------------------------------------------------------------------- dataset
-
-
-def load_dataset_outputs(dataset_file: Path) -> list[str]:
-    """The ``output`` column (reference summaries) of the MLPerf dataset, in sample order.
-
-    Accepts what the reference's ``pd.read_json`` reads (a JSON list of records, or a
-    column-oriented object) and a pickle of a DataFrame, a list of records or a dict of columns.
-    Pickles execute code when loaded: only use ones you trust.
-    """
-    path = Path(dataset_file)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AccuracyInputError(
-            f"cannot read the dataset {str(path)!r}: {exc.strerror or exc}; pass the MLPerf "
-            f"CNN/DailyMail file (e.g. cnn_eval.json)"
-        ) from exc
-    data: Any
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        try:
-            data = pickle.loads(raw)  # the reference's older datasets are pickles
-        except Exception as exc:  # unpickling can raise nearly anything
-            raise AccuracyInputError(
-                f"{str(path)!r} is neither JSON nor a readable pickle ({exc!r})"
-            ) from exc
-    outputs = _output_column(data, path)
-    for i, value in enumerate(outputs):
-        if not isinstance(value, str):
-            raise AccuracyInputError(f"{str(path)!r}: output of sample {i} is {value!r:.80}, not text")
-    return outputs
-
-
-def _output_column(data: Any, path: Path) -> list[Any]:
-    missing = AccuracyInputError(
-        f"{str(path)!r} has no 'output' column (the reference summaries); expected the MLPerf "
-        f"schema: instruction, input, tok_input, output"
-    )
-    if isinstance(data, list):
-        if not all(isinstance(r, Mapping) for r in data):
-            raise AccuracyInputError(f"{str(path)!r}: expected a list of records (objects)")
-        if not all("output" in r for r in data):
-            raise missing
-        return [r["output"] for r in data]
-    if isinstance(data, Mapping):
-        if "output" not in data:
-            raise missing
-        column = data["output"]
-        if isinstance(column, Mapping):  # pandas' column orientation: {"0": ..., "1": ...}
-            return [column[k] for k in sorted(column, key=int)]
-        return list(column)
-    columns = getattr(data, "columns", None)  # a pandas DataFrame, without importing pandas
-    if columns is not None:
-        if "output" not in columns:
-            raise missing
-        return list(data["output"].tolist())
-    raise AccuracyInputError(f"{str(path)!r} holds a {type(data).__name__}, not a table of samples")
-
-
 # --------------------------------------------------------------------------- reporting
-
-
-def _rounded(value: float) -> Any:
-    # round() on an np.float64 (numpy's rounding), as the reference does with np.mean's result.
-    return round(np.float64(value), 4)
 
 
 def reference_result_line(scores: AccuracyScores) -> str:
@@ -394,7 +328,7 @@ def reference_result_line(scores: AccuracyScores) -> str:
     ROUGE values are strings as in the reference (``f"{round(...)}"``); gen_len/gen_num are plain
     ints so the checker's ``GEN_LEN`` pattern matches.
     """
-    result: dict[str, str | int] = {k: f"{_rounded(getattr(scores, k))}" for k in ROUGE_KEYS}
+    result: dict[str, str | int] = {k: f"{round4(getattr(scores, k))}" for k in ROUGE_KEYS}
     result["gen_len"] = int(scores.gen_len)
     result["gen_num"] = int(scores.gen_num)
     return repr(result)
@@ -417,42 +351,6 @@ def write_accuracy_txt(path: Path, scores: AccuracyScores, accuracy_log: Path | 
     return path
 
 
-def check_accuracy(
-    scores: AccuracyScores | Mapping[str, float],
-    target: AccuracyTarget | str,
-    rouge_ratio: float = 0.99,
-    gen_len_band: tuple[float, float] = (0.9, 1.1),
-) -> list[dict[str, Any]]:
-    """Violations of the MLPerf accuracy gates; an empty list means the run passes.
-
-    Compares what the checker compares: the ROUGE values rounded to 4 decimals as printed,
-    ``observed >= target * rouge_ratio``, and ``target * low <= gen_len <= target * high``.
-    Each violation: ``{"metric", "observed", "threshold", "direction"}`` where direction is the
-    relation that should have held (``">="`` or ``"<="``).
-    """
-    if isinstance(target, str):
-        try:
-            target = MLPERF_TARGETS[target]
-        except KeyError:
-            raise ValueError(f"no accuracy target for {target!r}; known: {sorted(MLPERF_TARGETS)}") from None
-    values = scores.metrics() if isinstance(scores, AccuracyScores) else dict(scores)
-    violations: list[dict[str, Any]] = []
-    for key in ROUGE_KEYS:
-        observed = float(_rounded(values[key]))
-        threshold = getattr(target, key) * rouge_ratio
-        if not observed >= threshold:
-            violations.append(
-                {"metric": key, "observed": observed, "threshold": threshold, "direction": ">="}
-            )
-    gen_len = values["gen_len"]
-    low, high = target.gen_len * gen_len_band[0], target.gen_len * gen_len_band[1]
-    if not gen_len >= low:
-        violations.append({"metric": "gen_len", "observed": gen_len, "threshold": low, "direction": ">="})
-    if not gen_len <= high:
-        violations.append({"metric": "gen_len", "observed": gen_len, "threshold": high, "direction": "<="})
-    return violations
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -468,7 +366,13 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset-file",
         required=True,
         type=Path,
-        help="MLPerf dataset (JSON list or pickle) with an 'output' column",
+        help="MLPerf dataset (JSON) with an 'output' column",
+    )
+    parser.add_argument(
+        "--dataset-format",
+        choices=["json", "pickle"],
+        default="json",
+        help="pickle runs code from the file: only for datasets you trust (default: json)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -499,12 +403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on unusable input)."""
     args = _parser().parse_args(argv)
     try:
-        outputs = load_dataset_outputs(args.dataset_file)
+        spec = DatasetSpec(path=str(args.dataset_file), format=args.dataset_format)
+        outputs = load_dataset(spec, args.dataset_file, need_prompts=False).outputs
         decode = load_tokenizer_decoder(args.tokenizer)
         scores = score_accuracy_log(args.mlperf_accuracy_file, outputs, decode, dtype=args.dtype)
         if args.accuracy_txt is not None:
             write_accuracy_txt(args.accuracy_txt, scores)
-    except (AccuracyInputError, PunktUnavailableError, OSError) as exc:
+    except (AccuracyInputError, DatasetError, PunktUnavailableError, OSError) as exc:
         # OSError: writing accuracy.txt or the punkt cache folder; the others carry the fix.
         print(f"error: {exc}", file=sys.stderr)
         return 2

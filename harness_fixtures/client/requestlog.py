@@ -1,0 +1,140 @@
+"""requests.jsonl: one line per request, written by the runner as requests finish, read once by the
+pipeline; and the client-side statistics computed from it.
+
+Times are seconds since the test's t0 (the same clock as the telemetry timeline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..results import ClientStats
+from ..stats import percentiles
+from .streaming import RequestRecord
+
+Request = dict[str, Any]
+
+
+class RequestLogWriter:
+    """Appends finished requests from the client thread; flushed about once a second, so an
+    interrupted run keeps what it measured."""
+
+    def __init__(self, path: Path, t0_ns: int) -> None:
+        self._fh = path.open("w", buffering=1 << 16)
+        self._t0 = t0_ns
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _s(self, ns: int) -> float | None:
+        return round((ns - self._t0) / 1e9, 6) if ns else None
+
+    def write(self, r: RequestRecord) -> None:
+        line = {
+            "query_id": r.query_id,
+            "sample_index": r.sample_index,
+            "issued_s": self._s(r.issued_ns),
+            "sent_s": self._s(r.sent_ns),
+            "first_token_s": self._s(r.first_token_ns),
+            "done_s": self._s(r.done_ns),
+            "n_tokens": r.n_tokens,
+            "finish_reason": r.finish_reason,
+            "status": r.status,
+            "error": r.error,
+            "server_request_id": r.server_request_id,
+        }
+        with self._lock:
+            self._fh.write(json.dumps(line) + "\n")
+            now = time.monotonic()
+            if now - self._last_flush > 1.0:
+                self._fh.flush()
+                self._last_flush = now
+
+    def flush(self) -> None:
+        with self._lock:
+            self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+def read_requests(path: Path) -> list[Request]:
+    """The rows of a requests.jsonl; a torn last line (a killed run) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    with path.open() as fh:
+        for line in fh:
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
+
+
+def ttft_ms(r: Request) -> float | None:
+    """LoadGen issue → first token, as the client saw it (what LoadGen's TTFT measures, less its own
+    scheduling delay); None for a failed request."""
+    if r.get("status") != "ok" or r.get("first_token_s") is None or r.get("issued_s") is None:
+        return None
+    return (float(r["first_token_s"]) - float(r["issued_s"])) * 1e3
+
+
+def tpot_ms(r: Request) -> float | None:
+    """(done − first token) / (tokens − 1), LoadGen's TPOT formula; None below two tokens."""
+    n = int(r.get("n_tokens") or 0)
+    if r.get("status") != "ok" or n < 2 or r.get("first_token_s") is None or r.get("done_s") is None:
+        return None
+    return (float(r["done_s"]) - float(r["first_token_s"])) * 1e3 / (n - 1)
+
+
+def client_stats(
+    scenario: str,
+    requests: list[Request],
+    client: dict[str, Any],
+    target_qps: float | None,
+    scheduled_qps: float | None,
+    completed_qps: float | None,
+) -> ClientStats:
+    """The client's own timings and load for result.yaml's ``client:``.
+
+    Server: achieved = requests sent / (last send − LoadGen start), beside LoadGen's target and its
+    scheduled rate (the Poisson schedule it drew). Other scenarios: LoadGen's completed rate.
+
+    :param client: client.json of the run (workers, CPU, LoadGen start time).
+    """
+    ok = [r for r in requests if r.get("status") == "ok" and r.get("first_token_s") is not None]
+    send_ttft = percentiles([(r["first_token_s"] - r["sent_s"]) * 1e3 for r in ok], (50.0, 99.0))
+    lag = percentiles(
+        [(r["sent_s"] - r["issued_s"]) * 1e3 for r in requests if r.get("sent_s") is not None], (50.0, 99.0)
+    )
+    achieved = completed_qps
+    if scenario in ("Server", "Interactive"):
+        sent = [r["sent_s"] for r in requests if r.get("sent_s") is not None]
+        start = client.get("loadgen_start_s")
+        achieved = None
+        if sent and start is not None and max(sent) > start:
+            achieved = len(sent) / (max(sent) - start)
+    mean = sum((r["first_token_s"] - r["sent_s"]) * 1e3 for r in ok) / len(ok) if ok else None
+    return ClientStats(
+        ttft_ms_p50=_r(send_ttft.get(50.0)),
+        ttft_ms_p99=_r(send_ttft.get(99.0)),
+        ttft_ms_mean=_r(mean),
+        dispatch_lag_ms_p50=_r(lag.get(50.0)),
+        dispatch_lag_ms_p99=_r(lag.get(99.0)),
+        requests=len(requests),
+        target_qps=target_qps,
+        scheduled_qps=scheduled_qps,
+        achieved_qps=_r(achieved),
+        workers=client.get("workers"),
+        cpu_pct=client.get("cpu_pct_total", client.get("cpu_pct")),
+        cpu_bound_fraction=client.get("cpu_bound_fraction"),
+        cpu_samples=client.get("cpu_samples"),
+    )
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)

@@ -1,0 +1,1 @@
+"""MLflow export: records (what a run holds), upload (later, from files) and live logging."""

@@ -1,0 +1,98 @@
+"""The parent side of one LoadGen run: start the runner child, watch its deadline and the engine, stop it.
+
+The child (``python -m harness_fixtures.loadgen.runner RUN_SPEC.json``) is its own process group, so
+Ctrl-C reaches pytest only and the parent stops the child's whole group itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..results import Status
+from ..servers.base import Endpoint
+from ..servers.process import stop_process_group
+from .spec import RunSpec
+
+log = logging.getLogger("harness_fixtures.loadgen")
+ENGINE_DEATH_GRACE_S = 10.0  # after the engine dies, let LoadGen drain failed queries this long
+CHILD_STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    """How the child ended; None status = it ran to the end (LoadGen's log has the verdict)."""
+
+    status: Status | None
+    reason: str | None
+    returncode: int | None
+    duration_s: float
+    engine_alive: bool
+
+
+def run_child(
+    spec: RunSpec,
+    endpoint: Endpoint,
+    on_start: Callable[[int], None] | None = None,
+    on_tick: Callable[[float], None] | None = None,
+) -> ChildOutcome:
+    """Run LoadGen for ``spec`` in a child process and wait for it.
+
+    ``on_start(pid)`` is called once the child (the client) runs; ``on_tick(elapsed_s)`` about once a
+    second (progress display). Ctrl-C / SIGTERM stop the child's group and propagate.
+    """
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "run_spec.json"
+    spec_path.write_text(spec.model_dump_json(indent=1))
+    status: Status | None = None
+    reason: str | None = None
+    t0 = time.monotonic()
+    with (out / "harness.log").open("ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness_fixtures.loadgen.runner", str(spec_path)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches pytest only; we stop the child ourselves
+        )
+    engine_dead_since: float | None = None
+    if on_start is not None:
+        on_start(proc.pid)
+    next_tick = t0
+    try:
+        while proc.poll() is None:
+            now = time.monotonic()
+            if on_tick is not None and now >= next_tick:
+                on_tick(now - t0)
+                next_tick = now + 1.0
+            if not endpoint.alive():
+                engine_dead_since = engine_dead_since or now
+                if now - engine_dead_since > ENGINE_DEATH_GRACE_S:
+                    stop_process_group(proc, CHILD_STOP_GRACE_S)
+                    break
+            if now - t0 > spec.test_timeout_s:
+                status, reason = (
+                    "TIMEOUT",
+                    f"test deadline of {spec.test_timeout_s:g} s passed; LoadGen stopped",
+                )
+                stop_process_group(proc, CHILD_STOP_GRACE_S)
+                break
+            time.sleep(0.1)
+    except BaseException:
+        # Ctrl-C / SIGTERM: stop LoadGen, keep what it measured, and let the caller report it.
+        stop_process_group(proc, CHILD_STOP_GRACE_S)
+        raise
+    alive = endpoint.alive()
+    if not alive:
+        status = "ERROR"
+        reason = (
+            f"engine died during the test (exit code {endpoint.exit_code()}); last log lines "
+            f"({endpoint.log_path}):\n{endpoint.log_tail()}"
+        )
+    return ChildOutcome(status, reason, proc.returncode, time.monotonic() - t0, alive)

@@ -1,0 +1,35 @@
+"""The one description of a LoadGen run, written as run_spec.json for the child process (no secrets)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..client.spec import ClientSpec
+
+LoadGenScenario = Literal["Offline", "Server", "SingleStream"]
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    test_id: str
+    out_dir: str
+    user_conf: str
+    loadgen_model: str
+    loadgen_scenario: LoadGenScenario
+    mode: Literal["performance", "accuracy"] = "performance"
+    client: ClientSpec
+    performance_sample_count: int | None = Field(None, description="QSL performance sample count.")
+    target_qps: float | None = Field(
+        None, description="Server target / Offline expected QPS; SingleStream: 1 / expected latency."
+    )
+    min_duration_ms: int | None = None
+    min_query_count: int | None = None
+    test_timeout_s: float = Field(7200.0, description="The parent stops the child after this long.")
+    warmup: bool = True
+    client_workers: int | None = Field(None, description="None: auto (client.sizing); 1: in-process.")
+    single_stream_latency_from_warmup: bool = Field(
+        False, description="Set SingleStream's expected latency from the warm-up request's."
+    )
+    t0_monotonic_ns: int | None = Field(None, description="The test's t0, shared with the collectors.")

@@ -1,0 +1,203 @@
+"""Every ``--harness-*`` option (and its ini key), parsed and validated once into :class:`HarnessOptions`.
+
+The plugin registers the table :data:`OPTIONS` with pytest and builds the options in
+``pytest_configure``; an :class:`OptionError` there becomes a ``pytest.UsageError`` before any engine
+starts. Everything else receives the typed object: no domain module reads pytest's config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Kind = Literal["str", "path", "float", "int", "bool", "workers"]
+
+
+class OptionError(ValueError):
+    """A bad option value; the message names the option, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # without --harness-
+    kind: Kind
+    help: str
+    default: str | None = None
+    choices: tuple[str, ...] | None = None
+    positive: bool = False  # numbers must be > 0
+
+    @property
+    def dest(self) -> str:
+        return "harness_" + self.name.replace("-", "_")
+
+    @property
+    def flag(self) -> str:
+        return f"--harness-{self.name}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("models-dir", "path", "Folder of model YAML files.", "benchmarks/models"),
+    Option("user-conf", "path", "LoadGen user.conf.", "benchmarks/user.conf"),
+    Option("output-dir", "path", "Where each session writes a new folder of results.", "harness_output"),
+    Option("server-url", "str", "Benchmark a running OpenAI-compatible server instead of starting one."),
+    Option(
+        "api-key-env",
+        "str",
+        "Name of the env var holding a bearer token to send (its value is never written).",
+    ),
+    Option("mode", "str", "LoadGen mode.", "performance", choices=("performance", "accuracy")),
+    Option(
+        "target-qps",
+        "float",
+        "Server target QPS / Offline expected QPS / SingleStream 1 / expected latency; unset: user.conf, "
+        "else sized from this machine's measurement.",
+        positive=True,
+    ),
+    Option("min-duration-ms", "int", "Override LoadGen min_duration (ms)."),
+    Option("min-query-count", "int", "Override LoadGen min_query_count."),
+    Option("sample-count", "int", "Use only the first N dataset samples.", positive=True),
+    Option("request-timeout-s", "float", "Per-request deadline (s).", "600", positive=True),
+    Option("test-timeout-s", "float", "Per-test deadline (s).", "7200", positive=True),
+    Option("thresholds", "path", "YAML of threshold overrides: {case name or test id: {threshold: value}}."),
+    Option("baseline", "path", "Compare against this baseline file (from --harness-save-baseline)."),
+    Option("save-baseline", "path", "Write this session's results as a baseline file."),
+    Option(
+        "max-regression",
+        "float",
+        "Allowed regression vs the baseline, percent; unset: the case's thresholds.max_regression_pct (5).",
+        positive=True,
+    ),
+    Option(
+        "mlflow-uri", "str", "MLflow tracking URI for live logging (or $MLFLOW_TRACKING_URI); off when unset."
+    ),
+    Option("mlflow-experiment", "str", "MLflow experiment for live logging.", "harness-fixtures"),
+    Option("skip-missing", "bool", "Skip (not fail) tests whose model or dataset is missing."),
+    Option(
+        "client-workers",
+        "workers",
+        "Client processes sending requests: 'auto' (one in-process client up to 400 QPS, then "
+        "ceil(QPS/400) worker processes, at most cores-1) or a number (1: the in-process client).",
+        "auto",
+    ),
+    Option(
+        "allow-client-bound",
+        "bool",
+        "Do not fail a run whose client was the bottleneck (dispatch lag p99 > 10 ms, achieved < 95 "
+        "percent of scheduled QPS, or a client process CPU-saturated); it is still reported.",
+    ),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+# Where a raw value came from: the command line (paths relative to the invocation dir) or an ini
+# file (relative to the rootdir); None when neither set it.
+RawGetter = Callable[[Option], tuple[Any, Literal["cli", "ini"] | None]]
+
+
+class HarnessOptions(BaseModel):
+    """The suite's options, typed; defaults are the documented ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    models_dir: Path | None = None
+    models_dir_explicit: bool = False
+    user_conf: Path | None = None
+    user_conf_explicit: bool = False
+    output_dir: Path = Path("harness_output")
+    output_dir_explicit: bool = False
+    server_url: str | None = None
+    api_key_env: str | None = None
+    mode: Literal["performance", "accuracy"] = "performance"
+    target_qps: float | None = None
+    min_duration_ms: int | None = None
+    min_query_count: int | None = None
+    sample_count: int | None = None
+    request_timeout_s: float = 600.0
+    test_timeout_s: float = 7200.0
+    thresholds: Path | None = None
+    baseline: Path | None = None
+    save_baseline: Path | None = None
+    max_regression_pct: float | None = None
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "harness-fixtures"
+    skip_missing: bool = False
+    client_workers: int | None = Field(None, description="None: auto.")
+    allow_client_bound: bool = False
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @classmethod
+    def build(cls, raw: RawGetter, cli_dir: Path, root_dir: Path) -> HarnessOptions:
+        """Parse every option once; raise OptionError naming the option, the value and the fix."""
+        values: dict[str, Any] = {}
+        for opt in OPTIONS:
+            value, source = raw(opt)
+            if value in (None, "") or (opt.kind == "bool" and value is False):
+                value, source = opt.default, None
+            if value is None:
+                continue
+            field = _FIELD.get(opt.name, opt.dest[len("harness_") :])
+            values[field] = _parse(opt, value, source, cli_dir, root_dir)
+            if opt.kind == "path":
+                values[f"{field}_explicit"] = source == "cli"
+        if not values.get("mlflow_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
+            values["mlflow_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+        return cls(**{k: v for k, v in values.items() if k in cls.model_fields})
+
+
+_FIELD = {"max-regression": "max_regression_pct"}
+
+
+def _where(opt: Option) -> str:
+    return f"{opt.flag} / ini {opt.dest}"
+
+
+def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir: Path) -> Any:
+    text = str(value).strip()
+    if opt.kind == "bool":
+        return bool(value)
+    if opt.kind == "path":
+        base = cli_dir if source == "cli" else root_dir
+        return (base / os.path.expanduser(text)).resolve()
+    if opt.kind == "workers":
+        if text.lower() == "auto":
+            return None
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise OptionError(f"{_where(opt)}: {value!r} is not 'auto' or a count >= 1")
+        return n
+    if opt.kind in ("float", "int"):
+        try:
+            number: float | int = float(text) if opt.kind == "float" else int(text)
+        except ValueError:
+            raise OptionError(
+                f"{_where(opt)}: {value!r} is not {'a number' if opt.kind == 'float' else 'a whole number'}"
+            ) from None
+        if opt.positive and number <= 0:
+            raise OptionError(f"{_where(opt)} must be > 0, got {value!r}")
+        if opt.kind == "int" and number < 0:
+            raise OptionError(f"{_where(opt)} must be >= 0, got {value!r}")
+        return number
+    if opt.choices and text not in opt.choices:
+        raise OptionError(f"{_where(opt)}: {value!r} is not one of {list(opt.choices)}")
+    return text
+
+
+def check_output_root(root: Path) -> None:
+    """OptionError unless ``root`` is, or can be created as, a writable folder; creates nothing."""
+    fix = "pass --harness-output-dir DIR (a writable folder) or set the harness_output_dir ini key"
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    what = "" if existing == root else f"cannot be created: {str(existing)!r} "
+    if not existing.is_dir():
+        raise OptionError(f"output dir {str(root)!r} {what}is not a directory; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"output dir {str(root)!r} {what}is not writable; {fix}")

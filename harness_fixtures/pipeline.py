@@ -1,0 +1,628 @@
+"""Run one benchmark test, with no pytest inside.
+
+:func:`run_test` does, in order: user.conf and dataset checks → the engine → the rate (the user's, or
+sized from a measurement) → the LoadGen child run (repeated for an Offline run that outran
+``min_duration``) → telemetry and plots → accuracy scoring → metadata → gating, and returns an
+:class:`Outcome` whose result is built once. The pytest plugin, ``tools/bench_client.py`` and
+``tools/soak.py`` call it; progress lines, the live progress display and the metadata hook reach the
+caller through :class:`Events`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accuracy.run import AccuracyRunError, score_run
+from .client.requestlog import client_stats, read_requests
+from .config import BenchmarkCase, PlannedRun
+from .dataset import Dataset, DatasetError, load_dataset
+from .environment import capture as capture_environment
+from .environment import redact_argv, scrub_url_credentials
+from .gating import (
+    Baseline,
+    apply_overrides,
+    check_accuracy,
+    check_client_bound,
+    check_consistency,
+    check_thresholds,
+    compare_baseline,
+)
+from .loadgen.child import ChildOutcome, run_child
+from .loadgen.mllog import LoadGenRun, MllogError
+from .loadgen.sizing import (
+    MAX_OFFLINE_ATTEMPTS,
+    expected_queries,
+    explicit_rate,
+    needs_offline_rerun,
+    offline_rate,
+    offline_rerun,
+    server_from_offline,
+    single_stream_from_warmup,
+    usable_offline_measurement,
+)
+from .loadgen.spec import RunSpec
+from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf
+from .metrics.telemetry import RunTelemetry
+from .options import HarnessOptions
+from .results import (
+    FINISHED,
+    AccuracyResult,
+    BaselineComparison,
+    BenchmarkResult,
+    Consistency,
+    EngineInfo,
+    Metadata,
+    Percentiles,
+    QueryCounts,
+    RateChoice,
+    Status,
+    TelemetryResult,
+    Violation,
+)
+from .servers.base import Endpoint, EngineError
+
+log = logging.getLogger("harness_fixtures")
+
+ProgressTick = Callable[[float], None]
+
+
+class Events:
+    """How a run talks to its caller; the defaults log and do nothing else."""
+
+    def message(self, text: str) -> None:
+        """A line for the terminal now (engine starts and probes take minutes)."""
+        log.info("%s", text)
+
+    @contextlib.contextmanager
+    def live(self, test_id: str, requests_path: Path, expected: int | None) -> Iterator[ProgressTick | None]:
+        """While LoadGen runs: a callable ticked about once a second, or None for no display."""
+        yield None
+
+    def update_metadata(self, case: BenchmarkCase, metadata: dict[str, Any]) -> None:
+        """Add fields to metadata.yaml (the plugin calls pytest_harness_update_metadata)."""
+
+    def child_started(self, pid: int) -> None:
+        """The LoadGen runner process of a run is up (tools watch its memory, tests its workers)."""
+
+
+@dataclass
+class Suite:
+    """What a session's tests share: the options and the files they named, loaded once."""
+
+    options: HarnessOptions
+    threshold_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: Baseline | None = None
+    root: Path = field(default_factory=Path.cwd)
+    command_line: list[str] = field(default_factory=list)
+    cwd: Path = field(default_factory=Path.cwd)
+    # Offline samples/s per model measured this session (Offline test or probe) → (value, where): it
+    # sizes the model's Server/Interactive load. A model's tests share one xdist worker.
+    offline_measured: dict[str, tuple[float, str]] = field(default_factory=dict)
+    _user_confs: dict[Path, list[ConfEntry]] = field(default_factory=dict)
+
+    def secrets(self) -> list[str]:
+        key = self.options.api_key()
+        return [key] if key else []
+
+    def user_conf(self, case: BenchmarkCase) -> tuple[Path, list[ConfEntry]]:
+        """The case's user.conf (its own, else the suite's), parsed once per session.
+
+        :raises UserConfError: missing or invalid; the message names the file, line and fix.
+        """
+        path = case.resolve(case.user_conf) if case.user_conf else self.options.user_conf
+        if path is None or not path.is_file():
+            raise UserConfError(f"user.conf {str(path)!r} not found; pass --harness-user-conf PATH")
+        if path not in self._user_confs:
+            self._user_confs[path] = parse_user_conf(path)
+        return path, self._user_confs[path]
+
+
+@dataclass
+class Outcome:
+    """A finished test: its result and metadata (files are the caller's to write)."""
+
+    result: BenchmarkResult
+    metadata: Metadata
+    skippable: bool = False  # the dataset is missing: --harness-skip-missing may skip the test
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run; ``outcome`` holds what was measured (status INTERRUPTED)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("interrupted")
+        self.outcome = outcome
+
+
+def run_test(
+    planned: PlannedRun,
+    get_endpoint: Callable[[], Endpoint],
+    suite: Suite,
+    test_dir: Path,
+    events: Events | None = None,
+    nodeid: str | None = None,
+) -> Outcome:
+    """Run one benchmark test into ``test_dir``; the engine is asked for only once the inputs are good.
+
+    :param get_endpoint: the engine for the case (started on demand); raises EngineError.
+    :raises RunInterrupted: on Ctrl-C / SIGTERM, after LoadGen was stopped; carries the outcome.
+    """
+    test_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(test_dir / "harness.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _TestRun(planned, suite, test_dir, events or Events(), nodeid).execute(get_endpoint)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+class _TestRun:
+    def __init__(
+        self, planned: PlannedRun, suite: Suite, test_dir: Path, events: Events, nodeid: str | None
+    ) -> None:
+        self.p = planned
+        self.case = planned.case
+        self.suite = suite
+        self.opts = suite.options
+        self.test_dir = test_dir
+        self.events = events
+        self.nodeid = nodeid
+        self.started = time.time()
+        self.endpoint: Endpoint | None = None
+        self.spec: RunSpec | None = None
+
+    # -- the steps -------------------------------------------------------------------------------
+    def execute(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
+        try:
+            user_conf, entries = self.suite.user_conf(self.case)
+        except UserConfError as exc:
+            return self._error(str(exc))
+        dataset_path = self.case.resolve(self.case.dataset.path)
+        try:
+            dataset = load_dataset(self.case.dataset, dataset_path)  # before any engine starts
+        except DatasetError as exc:
+            return self._error(str(exc), skippable=True)
+        try:
+            self.endpoint = get_endpoint()
+        except EngineError as exc:
+            return self._error(str(exc))
+        log.info("running %s against %s (%s)", self.p.test_id, self.endpoint.base_url, self.endpoint.kind)
+        try:
+            rate = self._size_rate(entries, user_conf, dataset_path)
+        except _SizingFailed as exc:
+            return self._error(str(exc))
+        spec = self._spec(user_conf, dataset_path, rate)
+        result = self._attempt(spec, dataset, rate, entries)
+        earlier: list[dict[str, Any]] = []
+        while (
+            rate is not None
+            and rate.attempts < MAX_OFFLINE_ATTEMPTS
+            and needs_offline_rerun(
+                self.p.scenario, self.p.mode, result.status, result.invalid_constraints, result.queries.failed
+            )
+        ):
+            assert result.samples_per_s is not None
+            name = f"attempt-{rate.attempts}"
+            self._keep_attempt(name)
+            earlier.append(
+                {
+                    "dir": str(self.test_dir / name),
+                    "offline_expected_qps": result.settings.get("target_qps"),
+                    "samples_per_s": result.samples_per_s,
+                    "status": result.status,
+                    "reason": result.reason,
+                }
+            )
+            rate = offline_rerun(rate, result.samples_per_s, result.settings.get("target_qps"))
+            log.info("%s: %s", self.p.test_id, rate.reason)
+            spec = spec.model_copy(update={"target_qps": rate.value})
+            result = self._attempt(spec, dataset, rate, entries)
+        if earlier and result.rate is not None:
+            result.rate.earlier_attempts = earlier
+        if self.p.mode == "performance" and self.p.scenario == "Offline":
+            measured = usable_offline_measurement(result)
+            if measured is not None:
+                self.suite.offline_measured[self.case.name] = (measured, self.p.test_id)
+        accuracy = self._score(dataset, result) if self.p.mode == "accuracy" else None
+        return self._finish(result.model_copy(update={"accuracy": accuracy}))
+
+    def _size_rate(self, entries: list[ConfEntry], user_conf: Path, dataset_path: Path) -> RateChoice | None:
+        """The rate of this run: the user's, or derived from a measurement on this machine."""
+        if self.p.mode == "accuracy":
+            return None  # AccuracyOnly issues every sample once, whatever the rate
+        lg_scenario = self.p.loadgen_scenario
+        choice = explicit_rate(entries, self.p.loadgen_model, lg_scenario, self.opts.target_qps)
+        if choice is not None:
+            return choice
+        if lg_scenario == "SingleStream":
+            return single_stream_from_warmup()
+        if lg_scenario == "Offline":
+            return offline_rate(self.p.loadgen_model)
+        measured = self.suite.offline_measured.get(self.case.name)
+        if measured is None:
+            measured = self._offline_probe(user_conf, dataset_path)
+            self.suite.offline_measured[self.case.name] = measured
+        return server_from_offline(measured[0], self.case.load.server_fraction, measured[1])
+
+    def _offline_probe(self, user_conf: Path, dataset_path: Path) -> tuple[float, str]:
+        """A short Offline run (``load.probe_queries`` samples) that measures the model's throughput."""
+        assert self.endpoint is not None
+        probe_dir = self.test_dir / "probe-offline"
+        n = self.case.load.probe_queries
+        self.events.message(
+            f"[harness] {self.p.test_id}: no Offline result for {self.case.name} in this session; "
+            f"measuring its throughput with a {n}-sample Offline probe ({probe_dir}) ..."
+        )
+        lg_model = self.case.loadgen_model.get("Offline", self.p.loadgen_model)
+        spec = self._spec(user_conf, dataset_path, None).model_copy(
+            update={
+                "out_dir": str(probe_dir),
+                "loadgen_model": lg_model,
+                "loadgen_scenario": "Offline",
+                "target_qps": None,
+                "min_duration_ms": 0,
+                "min_query_count": n,
+                "single_stream_latency_from_warmup": False,
+            }
+        )
+        child = run_child(spec, self.endpoint)
+        probe = self._measure(spec, child)
+        if probe.samples_per_s is None or probe.queries.failed or probe.status not in FINISHED:
+            raise _SizingFailed(
+                f"cannot size the {self.p.scenario} load of {self.case.name}: the Offline probe ended "
+                f"{probe.status} ({probe.reason or probe.queries.first_error or 'no throughput measured'}; "
+                f"{probe_dir}); set a target with --harness-target-qps or "
+                f"{self.p.loadgen_model}.Server.target_qps in user.conf"
+            )
+        return float(probe.samples_per_s), "probe-offline"
+
+    def _spec(self, user_conf: Path, dataset_path: Path, rate: RateChoice | None) -> RunSpec:
+        """The one description of this run's LoadGen child (run_spec.json)."""
+        from .client.spec import ClientSpec
+
+        assert self.endpoint is not None
+        o = self.opts
+        target = o.target_qps
+        if (
+            rate is not None
+            and rate.source == "measured"
+            and rate.setting != "single_stream_expected_latency_ms"
+        ):
+            target = rate.value  # SingleStream's measured latency is set by the runner after its warm-up
+        return RunSpec(
+            test_id=self.p.test_id,
+            out_dir=str(self.test_dir),
+            user_conf=str(user_conf),
+            loadgen_model=self.p.loadgen_model,
+            loadgen_scenario=self.p.loadgen_scenario,  # type: ignore[arg-type]
+            mode=self.p.mode,
+            client=ClientSpec(
+                base_url=self.endpoint.base_url,
+                served_model=self.endpoint.served_model,
+                generation=self.case.generation,
+                dataset=self.case.dataset,
+                dataset_path=str(dataset_path),
+                sample_count=o.sample_count,
+                request_timeout_s=o.request_timeout_s,
+                api_key_env=o.api_key_env,
+            ),
+            performance_sample_count=self.case.dataset.performance_sample_count,
+            target_qps=target,
+            min_duration_ms=o.min_duration_ms,
+            min_query_count=o.min_query_count,
+            test_timeout_s=o.test_timeout_s,
+            client_workers=o.client_workers,
+            single_stream_latency_from_warmup=(
+                rate is not None
+                and rate.setting == "single_stream_expected_latency_ms"
+                and rate.source == "measured"
+            ),
+        )
+
+    def _attempt(
+        self, spec: RunSpec, dataset: Dataset, rate: RateChoice | None, entries: list[ConfEntry]
+    ) -> BenchmarkResult:
+        """One LoadGen run with its telemetry; Ctrl-C still leaves a result on disk (RunInterrupted)."""
+        assert self.endpoint is not None
+        self.spec = spec = spec.model_copy(update={"t0_monotonic_ns": time.monotonic_ns()})
+        assert spec.t0_monotonic_ns is not None
+        t0_ns = spec.t0_monotonic_ns
+        telemetry = RunTelemetry(self.endpoint.base_url, self.endpoint.headers)
+        n = min(len(dataset), spec.client.sample_count or len(dataset))
+        expected = (
+            n
+            if spec.mode == "accuracy"
+            else expected_queries(
+                entries,
+                spec.loadgen_model,
+                spec.loadgen_scenario,
+                n,
+                spec.target_qps if spec.loadgen_scenario != "SingleStream" else None,
+                spec.min_duration_ms,
+                spec.min_query_count,
+            )
+        )
+        try:
+            with self.events.live(self.p.test_id, self.test_dir / "requests.jsonl", expected) as tick:
+                child = run_child(spec, self.endpoint, lambda pid: self._started(telemetry, t0_ns, pid), tick)
+        except KeyboardInterrupt:
+            telemetry.stop()
+            stopped = ChildOutcome(
+                "INTERRUPTED",
+                "interrupted (Ctrl-C or SIGTERM); partial results kept",
+                None,
+                time.time() - self.started,
+                self.endpoint.alive(),
+            )
+            result = self._measure(spec, stopped, rate, telemetry)
+            raise RunInterrupted(self._finish(result)) from None
+        telemetry.stop()
+        return self._measure(spec, child, rate, telemetry)
+
+    def _started(self, telemetry: RunTelemetry, t0_ns: int, pid: int) -> None:
+        telemetry.start(t0_ns, pid)
+        self.events.child_started(pid)
+
+    def _measure(
+        self,
+        spec: RunSpec,
+        child: ChildOutcome,
+        rate: RateChoice | None = None,
+        telemetry: RunTelemetry | None = None,
+    ) -> BenchmarkResult:
+        """The result of one LoadGen run from what it left on disk, each file read once."""
+        out = Path(spec.out_dir)
+        requests = read_requests(out / "requests.jsonl")
+        client_path = out / "client.json"
+        client: dict[str, Any] = json.loads(client_path.read_text()) if client_path.is_file() else {}
+        failed = [r for r in requests if r.get("status") != "ok"]
+        counts = QueryCounts(
+            issued=client.get("issued", len(requests)),
+            completed=client.get("completed", len(requests) - len(failed)),
+            failed=client.get("failed", len(failed)),
+            output_tokens=client.get("output_tokens", sum(r.get("n_tokens", 0) for r in requests)),
+            first_error=client.get("first_error") or next((r.get("error") for r in failed), None),
+        )
+        status: Status | None = child.status
+        reason = child.reason
+        try:
+            lg: LoadGenRun | None = LoadGenRun.read(out / "mlperf")
+        except MllogError as exc:
+            lg = None
+            if status is None:
+                status, reason = "ERROR", str(exc)
+        if lg is not None and status is None and lg.validity is not None:
+            status = lg.validity  # type: ignore[assignment]
+            reason = "; ".join(lg.invalid_constraints) or None
+        if (
+            status is None
+            and spec.mode == "accuracy"
+            and child.returncode == 0
+            and (out / "mlperf" / "mlperf_log_accuracy.json").is_file()
+        ):
+            # AccuracyOnly logs no result_validity (no latency constraints to meet): a run that finished
+            # and wrote its accuracy log is complete, and the accuracy gate judges it.
+            status = "VALID"
+        if status is None:
+            status = "ERROR"
+            reason = (
+                f"LoadGen run ended without a result (runner exit code {child.returncode}); see "
+                f"{out / 'harness.log'}"
+            )
+        tel = TelemetryResult()
+        if telemetry is not None:
+            limits, pct = lg.latency_limits() if lg is not None else (None, None)
+            tel = telemetry.finish(
+                out,
+                requests,
+                counts.output_tokens,
+                limits,
+                pct,
+                lg.ttft_ms if lg is not None else None,
+                lg.tpot_ms if lg is not None else None,
+            )
+        paths = {
+            "test_dir": str(out),
+            "mlperf": str(out / "mlperf"),
+            "requests": str(out / "requests.jsonl"),
+            "harness_log": str(out / "harness.log"),
+        }
+        if tel.timeline:
+            paths["timeline"] = tel.timeline
+        if tel.plots:
+            paths["plots"] = str(out / "plots")
+        return BenchmarkResult(
+            test_id=self.p.test_id,
+            model=self.case.name,
+            scenario=self.p.scenario,
+            mode=spec.mode,
+            loadgen_model=spec.loadgen_model,
+            status=status,
+            reason=reason,
+            invalid_constraints=lg.invalid_constraints if lg is not None and status == "INVALID" else [],
+            loadgen_errors=(lg.errors if lg is not None else [])[:20],
+            queries=counts,
+            samples_per_s=lg.samples_per_s if lg is not None else None,
+            tokens_per_s=lg.tokens_per_s if lg is not None else None,
+            ttft_ms=lg.ttft_ms if lg is not None else Percentiles(),
+            tpot_ms=lg.tpot_ms if lg is not None else Percentiles(),
+            latency_ms=lg.latency_ms if lg is not None else Percentiles(),
+            duration_s=round(child.duration_s, 3),
+            engine_alive=child.engine_alive,
+            settings=lg.settings if lg is not None else {},
+            rate=_rate_record(rate, client),
+            client=client_stats(
+                self.p.scenario,
+                requests,
+                client,
+                _number(lg.values.get("effective_target_qps")) if lg is not None else None,
+                lg.scheduled_qps if lg is not None else None,
+                lg.samples_per_s if lg is not None else None,
+            ),
+            telemetry=tel,
+            consistency=Consistency(**client.get("consistency", {})),
+            paths=paths,
+        )
+
+    def _keep_attempt(self, name: str) -> None:
+        """Move a finished attempt's files (not harness.log, still being written) into a sub-folder."""
+        dest = self.test_dir / name
+        dest.mkdir()
+        for path in list(self.test_dir.iterdir()):
+            if path.name != "harness.log" and not path.name.startswith(("attempt-", "probe-")):
+                shutil.move(str(path), dest / path.name)
+
+    def _score(self, dataset: Dataset, result: BenchmarkResult) -> AccuracyResult | None:
+        if result.status not in FINISHED:
+            return None
+        try:
+            return score_run(self.case, self.test_dir, dataset)
+        except (AccuracyRunError, ValueError, OSError) as exc:
+            return AccuracyResult(error=str(exc))
+
+    # -- metadata and gate -------------------------------------------------------------------------
+    def _error(self, reason: str, skippable: bool = False) -> Outcome:
+        """A test that could not run: still a result, like any other failed test."""
+        result = BenchmarkResult(
+            test_id=self.p.test_id,
+            model=self.case.name,
+            scenario=self.p.scenario,
+            mode=self.p.mode,
+            loadgen_model=self.p.loadgen_model,
+            status="ERROR",
+            reason=reason,
+            paths={"test_dir": str(self.test_dir)},
+        )
+        outcome = self._finish(result)
+        outcome.skippable = skippable
+        return outcome
+
+    def _finish(self, result: BenchmarkResult) -> Outcome:
+        metadata = self._metadata(result)
+        gate, baseline, client_bound = self._gate(result, metadata)
+        client = result.client.model_copy(update={"client_bound": client_bound})
+        final = result.model_copy(update={"gate": gate, "baseline": baseline, "client": client})
+        return Outcome(final, metadata)
+
+    def _metadata(self, result: BenchmarkResult) -> Metadata:
+        secrets = self.suite.secrets()
+        ep = self.endpoint
+        engine = None
+        if ep is not None:
+            engine = EngineInfo(
+                kind=ep.kind,
+                base_url=scrub_url_credentials(ep.base_url),
+                served_model=ep.served_model,
+                version=ep.version,
+                argv=redact_argv(ep.argv, secrets),
+                log=str(ep.log_path) if ep.log_path else None,
+                pid=ep.pid,
+                start_s=ep.info.get("start_s"),
+                start_number=ep.info.get("start_number"),
+            )
+        o = self.opts
+        data: dict[str, Any] = Metadata(
+            test_id=result.test_id,
+            nodeid=self.nodeid,
+            case=self.case.model_dump(mode="json"),
+            scenario=self.p.scenario,
+            mode=self.p.mode,
+            engine=engine,
+            run_spec=json.loads(self.spec.model_dump_json()) if self.spec is not None else {},
+            command_line=redact_argv(self.suite.command_line, secrets),
+            cwd=str(self.suite.cwd),
+            started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
+            finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
+            environment=capture_environment(self.suite.root),
+            outputs={
+                "test_dir": str(self.test_dir),
+                "result": str(self.test_dir / "result.yaml"),
+                "metadata": str(self.test_dir / "metadata.yaml"),
+                **result.paths,
+            },
+            mlflow=(
+                {"tracking_uri": scrub_url_credentials(o.mlflow_uri), "experiment_name": o.mlflow_experiment}
+                if o.mlflow_uri
+                else None
+            ),
+        ).model_dump(mode="json")
+        self.events.update_metadata(self.case, data)
+        return Metadata.model_validate(data)
+
+    def _gate(
+        self, result: BenchmarkResult, metadata: Metadata
+    ) -> tuple[list[Violation], BaselineComparison | None, list[str]]:
+        """Every check of this test → (violations, the baseline comparison, client-bound reasons)."""
+        t = apply_overrides(
+            self.case.thresholds, self.suite.threshold_overrides, self.case.name, self.p.test_id
+        )
+        data = result.model_dump(mode="json")
+        md = metadata.model_dump(mode="json")
+        violations = check_thresholds(data, t)
+        if self.p.mode == "performance" and result.status == "INVALID" and not t.require_valid:
+            violations = [v for v in violations if v.source != "validity"]
+        violations += check_consistency(data["consistency"])
+        client_bound: list[str] = []
+        if self.p.mode == "performance":
+            bound = check_client_bound(data)
+            client_bound = [v.message for v in bound]
+            if not self.opts.allow_client_bound:
+                violations += bound
+        if self.p.mode == "accuracy":
+            acc = result.accuracy
+            if acc is not None and acc.error is not None:
+                violations.append(
+                    Violation.make("accuracy", "not scored", "scored", "must_equal", "accuracy", acc.error)
+                )
+            elif self.case.accuracy is not None and acc is not None and acc.target and acc.scores:
+                violations += check_accuracy(
+                    acc.scores, acc.target, self.case.accuracy.min_ratio, self.case.accuracy.gen_len_band
+                )
+            # accuracy runs have no latency constraints to be VALID against
+            violations = [v for v in violations if v.metric != "validity"]
+        comparison = None
+        baseline = self.suite.baseline
+        if baseline is not None and self.opts.baseline is not None:
+            pct = (
+                self.opts.max_regression_pct
+                if self.opts.max_regression_pct is not None
+                else t.max_regression_pct
+            )
+            bv, warnings, rows = compare_baseline(
+                self.p.test_id, data, md, baseline, pct, t.max_regression_pct_per_metric
+            )
+            violations += bv
+            comparison = BaselineComparison(path=str(self.opts.baseline), warnings=warnings, rows=rows)
+        return violations, comparison, client_bound
+
+
+class _SizingFailed(Exception):
+    pass
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _rate_record(rate: RateChoice | None, client: dict[str, Any]) -> RateChoice | None:
+    """The rate as it was used; a SingleStream latency measured by the runner is read back here."""
+    if rate is None or rate.setting != "single_stream_expected_latency_ms" or rate.source != "measured":
+        return rate
+    measured = (client.get("warmup") or {}).get("single_stream_expected_latency_ms")
+    if measured is None:
+        return rate.model_copy(
+            update={"reason": "the warm-up request failed, so LoadGen's configured value was used"}
+        )
+    return rate.model_copy(update={"value": measured})

@@ -1,0 +1,238 @@
+"""Controller-side reporting: test reports → ``pytest_harness_result`` → result files, session.yaml,
+the session figure, a saved baseline, and the terminal table.
+
+Registered on the controller only (xdist workers send their results in reports), so every file is
+written once, by one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .environment import redact_argv
+from .gating import baseline_entry, hardware_of, save_baseline
+from .options import OptionError, check_output_root
+from .results import SCHEMA_VERSION, SessionFile, write_yaml
+
+if TYPE_CHECKING:
+    from .plugin import HarnessState
+
+log = logging.getLogger("harness_fixtures")
+RESULT_PROP = "harness_result_json"  # the plugin's user property carrying a test's result
+# The terminal table: (header, result key path, format). The same values result.yaml holds.
+TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("tok/s", ("tokens_per_s",), ".1f"),
+    ("samples/s", ("samples_per_s",), ".2f"),
+    ("TTFT p99 ms", ("ttft_ms", "p99"), ".1f"),
+    ("TPOT p99 ms", ("tpot_ms", "p99"), ".2f"),
+)
+
+
+def register_reporters(config: pytest.Config, state: HarnessState) -> None:
+    config.pluginmanager.register(HarnessReporter(config, state), "harness-reporter")
+    options = state.suite.options
+    if options.mlflow_uri:
+        from .exporters.mlflow.live import MlflowLivePlugin
+
+        plugin = MlflowLivePlugin(config, options.mlflow_uri, options.mlflow_experiment)
+        config.pluginmanager.register(plugin, "harness-mlflow")
+
+
+def session_dir(state: HarnessState) -> Path:
+    """A new folder per session, never an earlier one's (so nothing is overwritten).
+
+    Claimed once on the controller with an atomic mkdir, so two sessions started in the same second
+    get different folders; xdist workers receive its path.
+    """
+    if state.session_dir is not None:
+        return state.session_dir
+    root = state.suite.options.output_dir
+    try:
+        check_output_root(root)
+    except OptionError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while True:
+            candidate = root / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                candidate.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"cannot create a session folder in output dir {str(root)!r}: {exc.strerror}; "
+            "pass --harness-output-dir DIR (a writable folder)"
+        ) from None
+    state.session_dir = candidate
+    return candidate
+
+
+def write_test_files(result: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+    """result.yaml and metadata.yaml where the metadata says; returns the write errors (none: [])."""
+    errors = []
+    out = metadata["outputs"]
+    for key, data in (("result", result), ("metadata", metadata)):
+        path = Path(out[key])
+        try:
+            write_yaml(path, data)
+        except OSError as exc:
+            # A full or failing disk must not end the session in an INTERNALERROR traceback.
+            message = (
+                f"cannot write {path}: {exc.strerror or exc}; free space on that disk or pass "
+                "--harness-output-dir DIR"
+            )
+            log.error("%s", message)
+            errors.append(message)
+    return errors
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The terminal summary table, header first: each number is the result.yaml value."""
+    rows = [("test", "status", *(h for h, _, _ in TABLE), "failed")]
+    for r in results:
+        cells = []
+        for _, keys, spec in TABLE:
+            v: Any = r
+            for k in keys:
+                v = (v or {}).get(k)
+            cells.append("-" if v is None else format(v, spec))
+        rows.append((r["test_id"], r["status"], *cells, str(r["queries"]["failed"])))
+    return rows
+
+
+class HarnessReporter:
+    """Turns test reports into hook calls, files and a summary (controller only)."""
+
+    def __init__(self, config: pytest.Config, state: HarnessState) -> None:
+        self.config = config
+        self.state = state
+        self.results: list[dict[str, Any]] = []
+        self.baseline_entries: dict[str, dict[str, Any]] = {}
+        self.hardware: dict[str, Any] = {}
+        self.write_errors: list[str] = []
+        self.started = time.time()
+
+    @pytest.hookimpl(trylast=True)  # after -k/-m deselection
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        """Claim the session folder once harness tests are selected: an unusable output dir is then
+        a usage error before any engine starts, not an error in every test."""
+        if not config.option.collectonly and any(i.get_closest_marker("harness_benchmark") for i in items):
+            session_dir(self.state)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Turn the test's result property into the hook call and compact JUnit properties."""
+        props = report.user_properties
+        payloads = [v for k, v in props if k == RESULT_PROP]
+        if not payloads:
+            return
+        props[:] = [(k, v) for k, v in props if k != RESULT_PROP]
+        data = json.loads(str(payloads[-1]))
+        r = data["result"]
+        # Every phase's report carries its own copy of the item's properties, and junitxml reads the
+        # teardown report's: put the compact properties on each report that carried the payload.
+        for key in ("status", "tokens_per_s", "samples_per_s"):
+            props.append((f"harness_{key}", r.get(key)))
+        props.append(("harness_ttft_p99_ms", r["ttft_ms"].get("p99")))
+        props.append(("harness_tpot_p99_ms", r["tpot_ms"].get("p99")))
+        props.append(("harness_failed_requests", r["queries"]["failed"]))
+        props.append(("harness_result_path", data["metadata"]["outputs"]["result"]))
+        if report.when != "call":
+            return  # the hook (and the files) once per test
+        self.config.hook.pytest_harness_result(
+            config=self.config, item_id=report.nodeid, result=r, metadata=data["metadata"]
+        )
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_harness_result(
+        self, config: pytest.Config, item_id: str, result: dict[str, Any], metadata: dict[str, Any]
+    ) -> None:
+        """The plugin's own writer: result.yaml + metadata.yaml."""
+        self.write_errors += write_test_files(result, metadata)
+        self.results.append({"nodeid": item_id, **result})
+        self.baseline_entries[result["test_id"]] = baseline_entry(result, metadata)
+        self.hardware = hardware_of(metadata)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        state = self.state
+        save = state.suite.options.save_baseline
+        if save is not None and self.baseline_entries:
+            try:
+                save_baseline(save, self.baseline_entries, self.hardware)
+            except OSError as exc:
+                self.write_errors.append(f"cannot write the baseline {save}: {exc.strerror or exc}")
+        if state.session_dir is not None and not self.results:
+            with contextlib.suppress(OSError):
+                state.session_dir.rmdir()  # claimed but unused (e.g. all tests skipped); only if empty
+        if self.results and state.session_dir is not None:
+            path = state.session_dir / "session.yaml"
+            secrets = state.suite.secrets()
+            doc = SessionFile(
+                schema_version=SCHEMA_VERSION,
+                started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
+                finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
+                # as in metadata.yaml: no API key value, no credentials in URLs
+                command_line=redact_argv(list(self.config.invocation_params.args), secrets),
+                results=self.results,
+            )
+            try:
+                write_yaml(path, doc.model_dump(mode="json"))
+            except OSError as exc:
+                self.write_errors.append(f"cannot write {path}: {exc.strerror or exc}")
+            from .metrics.plots import write_session_summary  # lazily: the plugin loads in every run
+
+            write_session_summary(state.session_dir / "summary.png", self.results)
+        if self.write_errors and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # results were lost: not a green run
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        tr = terminalreporter
+        for message in self.write_errors:
+            tr.write_line(f"harness: {message}", red=True)
+        if not self.results:
+            return
+        tr.section("harness benchmark results")
+        rows = table_rows(self.results)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for n, row in enumerate(rows):
+            line = "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+            tr.write_line(line, bold=n == 0)
+        for r in self.results:
+            if r.get("gate"):
+                tr.write_line(f"{r['test_id']} FAILED:", red=True)
+                for v in r["gate"]:
+                    tr.write_line(f"  - {v['message']}", red=True)
+        rows_b = [row for r in self.results for row in (r.get("baseline") or {}).get("rows", [])]
+        if rows_b:
+            tr.write_line("")
+            tr.write_line(f"baseline comparison ({self.state.suite.options.baseline}):", bold=True)
+            for row in rows_b:
+                flag = "REGRESSED" if row["regressed"] else "ok"
+                tr.write_line(
+                    f"  {row['test_id']:<28} {row['metric']:<16} {row['baseline']:>12.4g} -> "
+                    f"{row['current']:<12.4g} {row['change_pct']:+7.2f}%  "
+                    f"(allowed {row['allowed_regression_pct']}%)  {flag}",
+                    red=row["regressed"],
+                )
+            for r in self.results:
+                for w in (r.get("baseline") or {}).get("warnings", []):
+                    tr.write_line(f"  warning: {w}", yellow=True)
+        session = self.state.session_dir
+        if session is not None:
+            tr.write_line(f"session results: {session / 'session.yaml'}")
+            if (session / "summary.png").is_file():
+                tr.write_line(f"session summary figure: {session / 'summary.png'}")
