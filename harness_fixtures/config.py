@@ -19,7 +19,8 @@ Scenario = Literal["Offline", "Server", "Interactive", "SingleStream"]
 SCENARIOS: tuple[Scenario, ...] = ("Offline", "Server", "Interactive", "SingleStream")
 
 # MLPerf runs the Interactive benchmark as LoadGen's Server scenario with tighter limits.
-LOADGEN_SCENARIO: dict[str, Literal["Offline", "Server", "SingleStream"]] = {
+LoadGenScenario = Literal["Offline", "Server", "SingleStream"]
+LOADGEN_SCENARIO: dict[str, LoadGenScenario] = {
     "Offline": "Offline",
     "Server": "Server",
     "Interactive": "Server",
@@ -260,7 +261,7 @@ class PlannedRun:
         return self.case.loadgen_model[self.scenario]
 
     @property
-    def loadgen_scenario(self) -> str:
+    def loadgen_scenario(self) -> LoadGenScenario:
         return LOADGEN_SCENARIO[self.scenario]
 
 

@@ -51,6 +51,7 @@ from .loadgen.sizing import (
 )
 from .loadgen.spec import RunSpec
 from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf
+from .metrics.plots import LatencyMarks
 from .metrics.telemetry import RunTelemetry
 from .options import HarnessOptions
 from .results import (
@@ -306,7 +307,7 @@ class _TestRun:
             out_dir=str(self.test_dir),
             user_conf=str(user_conf),
             loadgen_model=self.p.loadgen_model,
-            loadgen_scenario=self.p.loadgen_scenario,  # type: ignore[arg-type]
+            loadgen_scenario=self.p.loadgen_scenario,
             mode=self.p.mode,
             client=ClientSpec(
                 base_url=self.endpoint.base_url,
@@ -404,7 +405,7 @@ class _TestRun:
             if status is None:
                 status, reason = "ERROR", str(exc)
         if lg is not None and status is None and lg.validity is not None:
-            status = lg.validity  # type: ignore[assignment]
+            status = lg.validity
             reason = "; ".join(lg.invalid_constraints) or None
         if (
             status is None
@@ -423,16 +424,11 @@ class _TestRun:
             )
         tel = TelemetryResult()
         if telemetry is not None:
-            limits, pct = lg.latency_limits() if lg is not None else (None, None)
-            tel = telemetry.finish(
-                out,
-                requests,
-                counts.output_tokens,
-                limits,
-                pct,
-                lg.ttft_ms if lg is not None else None,
-                lg.tpot_ms if lg is not None else None,
-            )
+            marks = None
+            if lg is not None:
+                limits, pct = lg.latency_limits()
+                marks = LatencyMarks(limits, pct, lg.ttft_ms, lg.tpot_ms)
+            tel = telemetry.finish(out, requests, counts.output_tokens, marks)
         paths = {
             "test_dir": str(out),
             "mlperf": str(out / "mlperf"),

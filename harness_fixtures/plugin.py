@@ -12,7 +12,6 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
@@ -26,23 +25,10 @@ from .loadgen.userconf import UserConfError, parse_user_conf
 from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root
 from .pipeline import Events, Outcome, ProgressTick, RunInterrupted, Suite, run_test
 from .progress import RunProgress
-from .reporting import RESULT_PROP, register_reporters, session_dir, write_test_files
+from .reporting import RESULT_PROP, STATE, HarnessState, register_reporters, session_dir, write_test_files
 from .results import BenchmarkResult
 from .servers import Endpoint, EngineError
 from .servers.manager import EngineManager
-
-
-@dataclass
-class HarnessState:
-    """Session-wide state in ``config.stash``."""
-
-    suite: Suite
-    cases: list[BenchmarkCase] | None = None
-    session_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-STATE = pytest.StashKey[HarnessState]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

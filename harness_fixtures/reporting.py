@@ -12,21 +12,33 @@ import datetime as dt
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
+from .config import BenchmarkCase
 from .environment import redact_argv
 from .gating import baseline_entry, hardware_of, save_baseline
 from .options import OptionError, check_output_root
+from .pipeline import Suite
 from .results import SCHEMA_VERSION, SessionFile, write_yaml
-
-if TYPE_CHECKING:
-    from .plugin import HarnessState
 
 log = logging.getLogger("harness_fixtures")
 RESULT_PROP = "harness_result_json"  # the plugin's user property carrying a test's result
+
+
+@dataclass
+class HarnessState:
+    """Session-wide state in ``config.stash``: the suite, its cases, the session folder."""
+
+    suite: Suite
+    cases: list[BenchmarkCase] | None = None
+    session_dir: Path | None = None
+
+
+STATE = pytest.StashKey[HarnessState]()
 # The terminal table: (header, result key path, format). The same values result.yaml holds.
 TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("tok/s", ("tokens_per_s",), ".1f"),

@@ -20,6 +20,7 @@ SCHEMA_VERSION = 2
 Status = Literal["VALID", "INVALID", "ERROR", "INTERRUPTED", "TIMEOUT"]
 Direction = Literal["higher_is_better", "lower_is_better", "must_equal"]
 FINISHED: tuple[Status, ...] = ("VALID", "INVALID")  # LoadGen ran to the end and judged the run
+RateSetting = Literal["offline_expected_qps", "server_target_qps", "single_stream_expected_latency_ms"]
 
 
 class _Model(BaseModel):
@@ -80,7 +81,7 @@ class Consistency(_Model):
 class RateChoice(_Model):
     """The rate LoadGen ran at and why (harness_fixtures.loadgen.sizing)."""
 
-    setting: Literal["offline_expected_qps", "server_target_qps", "single_stream_expected_latency_ms"]
+    setting: RateSetting
     value: float | None = Field(
         description="What LoadGen was given; None: as user.conf / mlperf.conf set it, or not measured."
     )

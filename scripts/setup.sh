@@ -21,7 +21,7 @@ fi
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing harness-fixtures and its dependencies into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e ".[speed,accuracy,mlflow,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[speed,sim,accuracy,mlflow,dev]"
   rm -f "$VENV"/.harness-setup-*
   touch "$stamp"
 else

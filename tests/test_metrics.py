@@ -28,6 +28,7 @@ from harness_fixtures.metrics import (
     summarize,
     write_timeline,
 )
+from harness_fixtures.metrics.plots import LatencyMarks
 from harness_fixtures.metrics.prometheus import ScrapeState, histogram_quantile, metrics_url
 from harness_fixtures.results import Percentiles
 
@@ -468,7 +469,7 @@ def test_host_collector_sees_client_cpu_burn() -> None:
         "client_rss_mib",
     } <= col.summary().keys()
     # The saturation verdict is the client's own (harness_fixtures.client.cpu); the same rule applies.
-    assert bound_fraction(client) == sum(v >= CPU_BOUND_PCT for v in client) / len(client)
+    assert bound_fraction(client) == round(sum(v >= CPU_BOUND_PCT for v in client) / len(client), 4)
     assert bound_fraction([]) is None
 
 
@@ -600,7 +601,7 @@ def test_latency_cdf_marks_p99_and_the_limits(tmp_path: Path) -> None:
     from harness_fixtures.metrics.plots import build_figures, write_plots
 
     _, requests = _synthetic_run()
-    fig = build_figures([], requests, {"ttft": 105.0, "tpot": 50.0}, 0.99)["latency_cdf"]
+    fig = build_figures([], requests, LatencyMarks({"ttft": 105.0, "tpot": 50.0}, 0.99))["latency_cdf"]
     ax_ttft, ax_tpot = fig.axes
     # Synthetic TTFTs are 50..140 ms (from the issue time), TPOT 500/31 ms; failed requests left out.
     ok = [r for r in requests if r["status"] == "ok"]
@@ -627,14 +628,14 @@ def test_latency_cdf_marks_p99_and_the_limits(tmp_path: Path) -> None:
 
     # With LoadGen's percentiles (a real run), the marks are LoadGen's: result.yaml's numbers.
     marks = Percentiles(p50=77.0, p99=123.4)
-    fig = build_figures([], requests, None, None, marks, Percentiles(p50=16.0, p99=16.5))["latency_cdf"]
+    tpot = Percentiles(p50=16.0, p99=16.5)
+    fig = build_figures([], requests, LatencyMarks(None, None, marks, tpot))["latency_cdf"]
     assert xs_of(fig.axes[0], "LoadGen p99 =") == [123.4] and xs_of(fig.axes[0], "LoadGen p50 =") == [77.0]
     assert "LoadGen p99 = 123 ms" in fig.axes[0].get_legend_handles_labels()[1]
     assert xs_of(fig.axes[1], "LoadGen p99 =") == [16.5]
 
-    (path,) = [
-        p for p in write_plots(tmp_path, [], requests, {"ttft": 2000.0}, 0.9) if p.stem == "latency_cdf"
-    ]
+    written = write_plots(tmp_path, [], requests, LatencyMarks({"ttft": 2000.0}, 0.9))
+    (path,) = [p for p in written if p.stem == "latency_cdf"]
     assert path.stat().st_size > 20_000 and _png_size(path) == (1200, 800)
 
 
@@ -644,10 +645,10 @@ def test_latency_cdf_skipped_without_latencies() -> None:
     failed = [{"issued_s": 0.0, "done_s": 1.0, "status": "error"}]
     no_first_token = [{"issued_s": 0.0, "done_s": 1.0, "n_tokens": 3, "status": "ok"}]
     assert "latency_cdf" not in build_figures([], failed)
-    assert "latency_cdf" not in build_figures([], no_first_token, {"ttft": 1.0})
+    assert "latency_cdf" not in build_figures([], no_first_token, LatencyMarks({"ttft": 1.0}))
     one = [{"issued_s": 0.0, "first_token_s": 0.1, "done_s": 0.2, "n_tokens": 1, "status": "ok"}]
     # A single TTFT and no TPOT (one token): the TPOT panel says so.
-    fig = build_figures([], one, {"ttft": 500.0, "tpot": 50.0}, 0.99)["latency_cdf"]
+    fig = build_figures([], one, LatencyMarks({"ttft": 500.0, "tpot": 50.0}, 0.99))["latency_cdf"]
     assert "TPOT: not reported" in [t.get_text() for t in fig.axes[1].texts]
 
 

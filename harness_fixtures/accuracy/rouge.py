@@ -116,7 +116,7 @@ MLPERF_TARGETS: dict[str, AccuracyTarget] = {
 
 
 def _sentence_splitter() -> Callable[[str], list[str]]:
-    import nltk  # type: ignore[import-untyped]  # ~0.4 s: only when scoring
+    import nltk  # ~0.4 s: only when scoring
 
     data_dir = str(ensure_punkt())
     # nltk.data.path rather than NLTK_DATA: the process environment stays untouched; first, so
@@ -152,7 +152,7 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
     HF evaluate 0.4.0's rouge with ``use_stemmer=True, use_aggregator=False``, then the
     reference's ``np.mean(v) * 100`` (unrounded here; :func:`reference_result_line` rounds).
     """
-    from rouge_score import rouge_scorer  # type: ignore[import-untyped]
+    from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")

@@ -119,7 +119,7 @@ class FanoutClient:
             with contextlib.suppress(AttributeError, OSError):
                 import fcntl
 
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)  # type: ignore[attr-defined]
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         proc = subprocess.Popen(
             [sys.executable, "-m", "harness_fixtures.client.fanout", str(index), str(to_w_r), str(from_w_w)],
             pass_fds=(to_w_r, from_w_w),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..results import Percentiles
 
@@ -105,9 +105,9 @@ class LoadGenRun:
         return cls(values, errors)
 
     @property
-    def validity(self) -> str | None:
+    def validity(self) -> Literal["VALID", "INVALID"] | None:
         v = self.values.get("result_validity")
-        return v if v in ("VALID", "INVALID") else None
+        return "VALID" if v == "VALID" else "INVALID" if v == "INVALID" else None
 
     @property
     def invalid_constraints(self) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..results import BenchmarkResult, RateChoice
+from ..results import BenchmarkResult, RateChoice, RateSetting
 from .mllog import MIN_DURATION_NOT_MET, failed_checks
 from .userconf import ConfEntry, lookup
 
@@ -33,7 +33,7 @@ MAX_OFFLINE_ATTEMPTS = 3
 
 # The user.conf key that sets each LoadGen scenario's rate (LoadGen reads target_latency as the
 # SingleStream expected latency, in ms), and the setting it becomes.
-RATE_KEY: dict[str, tuple[str, str]] = {
+RATE_KEY: dict[str, tuple[str, RateSetting]] = {
     "Offline": ("target_qps", "offline_expected_qps"),
     "Server": ("target_qps", "server_target_qps"),
     "SingleStream": ("target_latency", "single_stream_expected_latency_ms"),
@@ -48,7 +48,7 @@ def explicit_rate(
     if cli_value is not None:
         value = 1000.0 / cli_value if setting == "single_stream_expected_latency_ms" else cli_value
         return RateChoice(
-            setting=setting,  # type: ignore[arg-type]
+            setting=setting,
             value=value,
             source="command line",
             reason=f"--harness-target-qps {cli_value:g}",
@@ -57,7 +57,7 @@ def explicit_rate(
     if found is None:
         return None
     return RateChoice(
-        setting=setting,  # type: ignore[arg-type]
+        setting=setting,
         value=None,
         source="user.conf",
         reason=f"{loadgen_model}.{loadgen_scenario}.{key} = {found}",

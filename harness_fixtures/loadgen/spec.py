@@ -7,8 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..client.spec import ClientSpec
-
-LoadGenScenario = Literal["Offline", "Server", "SingleStream"]
+from ..config import LoadGenScenario
 
 
 class RunSpec(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "FIGSIZE_IN",
     "OK_STATUSES",
     "STATUS_COLORS",
+    "LatencyMarks",
     "build_figures",
     "write_plots",
     "write_session_summary",
@@ -347,13 +349,7 @@ def _cdf_panel(
     _legend(ax)
 
 
-def _cdf_figure(
-    requests: Sequence[Request],
-    limits_ms: Mapping[str, float] | None,
-    target_pct: float | None,
-    ttft_marks: Percentiles | None,
-    tpot_marks: Percentiles | None,
-) -> Figure | None:
+def _cdf_figure(requests: Sequence[Request], marks: LatencyMarks) -> Figure | None:
     ttft: list[float] = []
     tpot: list[float] = []
     for r in requests:
@@ -364,12 +360,12 @@ def _cdf_figure(
             tpot.append(b)
     if not ttft and not tpot:
         return None
-    limits = limits_ms or {}
+    limits = marks.limits_ms or {}
     fig, (ax_ttft, ax_tpot) = _new_figure(
         "Latency distribution of successful requests (client request log)", 2, sharex=False
     )
-    _cdf_panel(ax_ttft, "TTFT", ttft, limits.get("ttft"), target_pct, ttft_marks)
-    _cdf_panel(ax_tpot, "TPOT", tpot, limits.get("tpot"), target_pct, tpot_marks)
+    _cdf_panel(ax_ttft, "TTFT", ttft, limits.get("ttft"), marks.target_percentile, marks.ttft_ms)
+    _cdf_panel(ax_tpot, "TPOT", tpot, limits.get("tpot"), marks.target_percentile, marks.tpot_ms)
     return fig
 
 
@@ -588,27 +584,33 @@ def write_session_summary(path: Path | str, results: Sequence[Mapping[str, Any]]
 
 
 # -- public ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatencyMarks:
+    """What the latency CDFs mark besides the requests: the scenario's limits and LoadGen's percentiles.
+
+    :param limits_ms: ``{"ttft": ms, "tpot": ms}`` (either may be absent); None without limits.
+    :param target_percentile: the fraction (0.99) at which LoadGen checks those limits.
+    :param ttft_ms: LoadGen's TTFT percentiles of the run (result.yaml's numbers), marked on the CDF.
+    """
+
+    limits_ms: Mapping[str, float] | None = None
+    target_percentile: float | None = None
+    ttft_ms: Percentiles | None = None
+    tpot_ms: Percentiles | None = None
+
+
 def build_figures(
-    samples: Iterable[Sample],
-    requests: Sequence[Request] = (),
-    limits_ms: Mapping[str, float] | None = None,
-    target_percentile: float | None = None,
-    loadgen_ttft_ms: Percentiles | None = None,
-    loadgen_tpot_ms: Percentiles | None = None,
+    samples: Iterable[Sample], requests: Sequence[Request] = (), marks: LatencyMarks | None = None
 ) -> dict[str, Figure]:
     """Figures by file stem ("client", "latency_cdf", "engine", "host", "gpu"); absent data -> no entry.
 
     :param samples: timeline samples (seconds since test start).
     :param requests: requests.jsonl rows (harness_fixtures.client.requestlog).
-    :param limits_ms: the scenario's latency limits, ``{"ttft": ms, "tpot": ms}`` (either key may be
-        absent), drawn on the CDFs; None when the scenario has none.
-    :param target_percentile: the fraction (0.99) at which LoadGen checks those limits.
-    :param loadgen_ttft_ms: LoadGen's percentiles, marked on the CDFs (result.yaml's numbers).
     """
     grouped = _group(samples)
     figs: dict[str, Figure | None] = {
         "client": _client_figure(requests),
-        "latency_cdf": _cdf_figure(requests, limits_ms, target_percentile, loadgen_ttft_ms, loadgen_tpot_ms),
+        "latency_cdf": _cdf_figure(requests, marks or LatencyMarks()),
         "engine": _engine_figure(grouped),
         "host": _host_figure(grouped),
         "gpu": _gpu_figure(grouped),
@@ -620,17 +622,13 @@ def write_plots(
     out_dir: Path | str,
     samples: Iterable[Sample],
     requests: Sequence[Request] = (),
-    limits_ms: Mapping[str, float] | None = None,
-    target_percentile: float | None = None,
-    loadgen_ttft_ms: Percentiles | None = None,
-    loadgen_tpot_ms: Percentiles | None = None,
+    marks: LatencyMarks | None = None,
 ) -> list[Path]:
     """Write `<stem>.png` for each figure `build_figures` makes; return the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    figures = build_figures(samples, requests, limits_ms, target_percentile, loadgen_ttft_ms, loadgen_tpot_ms)
-    for stem, fig in figures.items():
+    for stem, fig in build_figures(samples, requests, marks).items():
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=DPI)
         paths.append(path)

@@ -11,10 +11,11 @@ import traceback
 from pathlib import Path
 
 from ..client.requestlog import Request
-from ..results import Percentiles, TelemetryResult
+from ..results import TelemetryResult
 from .base import CollectorSet
 from .host import HostCollector
 from .nvml import NvmlCollector
+from .plots import LatencyMarks
 from .prometheus import PrometheusCollector
 
 log = logging.getLogger("harness_fixtures.metrics")
@@ -44,16 +45,11 @@ class RunTelemetry:
         out_dir: Path,
         requests: list[Request],
         output_tokens: int,
-        limits_ms: dict[str, float] | None = None,
-        target_percentile: float | None = None,
-        loadgen_ttft_ms: Percentiles | None = None,
-        loadgen_tpot_ms: Percentiles | None = None,
+        marks: LatencyMarks | None = None,
     ) -> TelemetryResult:
         """Write timeline.csv and plots; return ``telemetry:`` of result.yaml.
 
-        :param limits_ms: the scenario's TTFT/TPOT limits for the latency CDF figure;
-            ``target_percentile`` is where they apply.
-        :param loadgen_ttft_ms: LoadGen's TTFT percentiles of the run, marked on the CDF (the same
+        :param marks: the scenario's limits and LoadGen's percentiles for the latency CDFs (the same
             numbers result.yaml and the terminal show).
         """
         if self.set is None:
@@ -74,15 +70,7 @@ class RunTelemetry:
         try:
             from .plots import write_plots
 
-            paths = write_plots(
-                out_dir / "plots",
-                self.set.samples(),
-                requests,
-                limits_ms,
-                target_percentile,
-                loadgen_ttft_ms,
-                loadgen_tpot_ms,
-            )
+            paths = write_plots(out_dir / "plots", self.set.samples(), requests, marks)
             out.plots = [str(p) for p in paths]
         except Exception as exc:
             log.warning("plots failed: %s", traceback.format_exc(limit=3))

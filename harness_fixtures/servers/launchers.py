@@ -159,17 +159,7 @@ class VllmLauncher(ProcessLauncher):
     def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
         spec = ctx.case.engine
         model = resolve_builtin_model(spec.model) or _model_arg(ctx)
-        argv = [
-            self.vllm_executable(ctx),
-            "serve",
-            str(model),
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--served-model-name",
-            ctx.case.served_name,
-        ]
+        argv = [self.vllm_executable(ctx), "serve", str(model), *_listen_args(ctx, host, port)]
         if not spec.prefix_caching:
             argv.append("--no-enable-prefix-caching")  # MLPerf: no cross-query prefix caching
         return argv + args_to_argv(spec.args)
@@ -184,6 +174,11 @@ class VllmLauncher(ProcessLauncher):
         if ctx.api_key:
             env["VLLM_API_KEY"] = ctx.api_key  # the environment, never the argv (ps shows argv)
         return env
+
+
+def _listen_args(ctx: LaunchContext, host: str, port: int) -> list[str]:
+    """Where the server listens and the name it answers to (vLLM's and SGLang's flags alike)."""
+    return ["--host", host, "--port", str(port), "--served-model-name", ctx.case.served_name]
 
 
 def _model_arg(ctx: LaunchContext) -> str:
@@ -203,12 +198,7 @@ class SglangLauncher(ProcessLauncher):
             "sglang.launch_server",
             "--model-path",
             _model_arg(ctx),
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--served-model-name",
-            ctx.case.served_name,
+            *_listen_args(ctx, host, port),
         ]
         if not spec.prefix_caching:
             argv.append("--disable-radix-cache")  # SGLang's prefix cache

@@ -88,7 +88,7 @@ class _Histogram:
         return fam
 
 
-class RequestRecord:
+class ServedRequest:
     """Server-side truth about one generation request; times are ``time.monotonic_ns()``.
 
     ``first_token_ns`` / ``last_token_ns`` are stamped just before the send, so a client that stamps on
@@ -168,14 +168,14 @@ class Simulator:
         self.version = f"sim-{package_version()}"
         self.responses = load_responses(settings.responses_file) if settings.responses_file else None
         self.rng = random.Random(settings.seed)
-        self.records: deque[RequestRecord] = deque(maxlen=settings.records_max)
+        self.records: deque[ServedRequest] = deque(maxlen=settings.records_max)
         self.generation_requests = 0
         self.clock = _TokenClock()
         # Batch: `running` counts held slots; a released slot passes straight to the oldest waiter.
         self.running = 0
         self.waiting: deque[asyncio.Future[None]] = deque()
         self.hung = 0
-        self.active: set[RequestRecord] = set()
+        self.active: set[ServedRequest] = set()
         # Metric state, read by _Collector at scrape time.
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -185,7 +185,7 @@ class Simulator:
         self.e2e = _Histogram(REQUEST_LATENCY_BUCKETS_S)
         self.queue_time = _Histogram(REQUEST_LATENCY_BUCKETS_S)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))  # type: ignore[arg-type]
+        self.registry.register(_Collector(self))
 
     # -- batch slots -------------------------------------------------------------------------------
     async def acquire_slot(self) -> None:
@@ -247,7 +247,7 @@ class Simulator:
         return "" if tok == self.settings.eos_token_id else f" t{tok}"
 
     # -- bookkeeping -------------------------------------------------------------------------------
-    def observe_finished(self, rec: RequestRecord) -> None:
+    def observe_finished(self, rec: ServedRequest) -> None:
         received = rec.received_ns
         if rec.admitted_ns is not None:
             self.queue_time.observe((rec.admitted_ns - received) * 1e-9)
@@ -394,7 +394,7 @@ class _StreamJob:
     def __init__(
         self,
         sim: Simulator,
-        rec: RequestRecord,
+        rec: ServedRequest,
         transport: asyncio.Transport | None,
         chunked: bool,
         tokens: list[int],
@@ -537,7 +537,7 @@ async def _stream(sim: Simulator, resp: web.StreamResponse, job: _StreamJob) -> 
 async def _respond(
     sim: Simulator,
     request: web.Request,
-    rec: RequestRecord,
+    rec: ServedRequest,
     tokens: list[int],
     finish: str,
     first_due: float,
@@ -772,7 +772,7 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
 
     # vLLM 0.32 ids are "cmpl-" + 16 hex digits; a caller's X-Request-Id (or request_id) replaces the hex.
     x_request_id = request.headers.get("X-Request-Id") or str(body.get("request_id") or os.urandom(8).hex())
-    rec = RequestRecord(
+    rec = ServedRequest(
         ("chatcmpl-" if chat else "cmpl-") + x_request_id, x_request_id, request.path, received_ns
     )
     sim.records.append(rec)
