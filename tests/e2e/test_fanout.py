@@ -17,16 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 import requests
-import yaml
+from support import OnChild, run_pipeline
 
-from conftest import OnChild, run_pipeline
 from harness_fixtures.client.requestlog import read_requests
-from harness_fixtures.client.sizing import auto_workers, prewarm_connections
-from harness_fixtures.client.streaming import _token_chunk
 from harness_fixtures.config import BenchmarkCase, Thresholds
-from harness_fixtures.gating import ClientBoundLimits, check_client_bound, check_thresholds
+from harness_fixtures.gating import check_client_bound, check_thresholds
 from harness_fixtures.results import BenchmarkResult
 from harness_fixtures.servers import Endpoint
 
@@ -84,93 +80,9 @@ def sim_answer(endpoint: Endpoint, prompt: list[int]) -> list[int]:
 
 
 # -- the worker rule and the gate, as functions ----------------------------------------------------
-def test_auto_workers_rule() -> None:
-    assert auto_workers("Server", 5, cpus=64) == 1  # a real engine's rate: the in-process client
-    assert auto_workers("Server", 400, cpus=64) == 1
-    assert auto_workers("Server", 1000, cpus=64) == 3  # ceil(1000 / 400)
-    assert auto_workers("Server", 1000, cpus=2) == 1  # cores − 1: one core for LoadGen and the OS
-    assert auto_workers("Server", 100_000, cpus=16) == 15
-    assert auto_workers("Offline", 2000, cpus=8) == 5
-    assert auto_workers("SingleStream", 5000, cpus=8) == 1
-    assert auto_workers("Server", None, cpus=8) == 1
-
-
-def test_prewarm_follows_littles_law() -> None:
-    assert prewarm_connections("Server", 1000, 0.2, 1, 10.0, 1024) == 304  # 1.5 × 1000 × 0.2 + 4
-    assert prewarm_connections("Offline", 100, 0.2, 5000, 1.0, 1024) == 1024  # capped
-    assert prewarm_connections("Offline", 10, 0.2, 1, 1.0, 1024) == 11
-    assert prewarm_connections("SingleStream", 10, 0.2, 1, 1.0, 1024) == 1
-
-
-def healthy(**client: Any) -> dict[str, Any]:
-    c = {
-        "requests": 500,
-        "dispatch_lag_ms_p99": 1.2,
-        "achieved_qps": 99.0,
-        "scheduled_qps": 100.0,
-        "target_qps": 100,
-        "cpu_bound_fraction": 0.0,
-        "cpu_samples": 6,
-        **client,
-    }
-    return {"mode": "performance", "status": "VALID", "scenario": "Server", "duration_s": 6, "client": c}
-
-
-@pytest.mark.parametrize(
-    ("client", "metric"),
-    [
-        ({"dispatch_lag_ms_p99": 45.0}, "dispatch_lag_p99_ms"),
-        ({"achieved_qps": 90.0}, "achieved_qps"),
-        ({"cpu_bound_fraction": 0.8}, "client_cpu_bound_fraction"),
-    ],
-)
-def test_client_bound_bounds(client: dict[str, Any], metric: str) -> None:
-    assert check_client_bound(healthy()) == []
-    (v,) = check_client_bound(healthy(**client))
-    assert v.metric == metric and v.source == "client"
-    assert "--harness-client-workers" in v.message and "--harness-allow-client-bound" in v.message
-    # Too few requests or CPU samples for a p99 / a saturation verdict: no flag.
-    assert check_client_bound(healthy(requests=50, cpu_samples=2, **client)) == []
-    # Offline issues everything at once: its dispatch lag is the queue, not a client fault.
-    offline = {**healthy(**client), "scenario": "Offline"}
-    assert [x.metric for x in check_client_bound(offline)] == (
-        ["client_cpu_bound_fraction"] if metric == "client_cpu_bound_fraction" else []
-    )
-    assert check_client_bound({**healthy(**client), "mode": "accuracy"}) == []
-    assert check_client_bound(healthy(**client), ClientBoundLimits(10_000, 0.0, 1.0)) == []
 
 
 # -- the hot path both client kinds share ------------------------------------------------------------
-SSE_CHUNKS = [
-    b'{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":" a",'
-    b'"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":[5,6],"token_ids":[17]}]}',
-    b'{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"",'
-    b'"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":[2,3]}]}',
-    b'{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,'
-    b'"delta":{"content":" \\"token_ids\\":[9]"},"finish_reason":"stop","token_ids":[4]}]}',
-    b'{"choices":[{"index":0,"token_ids": [1, 2]}]}',  # spaced JSON: the full parser
-    b'{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}',
-    b'{"choices":[{"index":0,"token_ids":[1]},{"index":1,"token_ids":[2]}]}',
-    b'{"error":{"message":"boom"},"choices":[{"index":0,"token_ids":[1]}]}',
-]
-
-
-@pytest.mark.parametrize("data", SSE_CHUNKS)
-def test_token_chunk_fast_path_agrees_with_json(data: bytes) -> None:
-    fast = _token_chunk(data)
-    if fast is None:
-        return  # parsed in full by json.loads
-    chunk = json.loads(data)
-    (choice,) = chunk["choices"]
-    assert "usage" not in chunk and "error" not in chunk
-    assert fast == (choice.get("token_ids") or [], choice.get("finish_reason"))
-
-
-def test_token_chunk_fast_path_is_taken_for_vllm_token_chunks() -> None:
-    assert _token_chunk(SSE_CHUNKS[0]) == ([17], None)
-    assert _token_chunk(SSE_CHUNKS[1]) == ([2, 3], "length")
-    assert _token_chunk(SSE_CHUNKS[2]) == ([4], "stop")  # escaped quotes in text are not keys
-    assert [_token_chunk(c) for c in SSE_CHUNKS[3:]] == [None] * 4
 
 
 # -- end to end on the simulator -------------------------------------------------------------------
@@ -271,51 +183,3 @@ def test_killed_worker_fails_its_queries_and_loadgen_finishes(start_sim: StartSi
 
 
 # -- through pytest: the gate ------------------------------------------------------------------------
-STARVED_CONF = """\
-tiny.*.performance_sample_count_override = 16
-tiny.Server.target_qps = 20000
-tiny.Server.min_duration = 400
-tiny.Server.min_query_count = 100
-tiny.Server.target_latency_percentile = 50
-tiny.Server.ttft_latency = 60000
-tiny.Server.tpot_latency = 10000
-"""
-
-
-def test_starved_client_fails_the_gate_with_its_numbers(harness_project: Any) -> None:
-    """20,000 QPS at one in-process client: LoadGen's schedule runs away from the client."""
-    harness_project.model(
-        "starved",
-        ("Server",),
-        sim={"ttft_base_ms": 1, "itl_ms": 0, "max_batch": 100_000},
-        thresholds={"require_valid": False},  # overloaded on purpose: only the client gate matters
-    )
-    harness_project.user_conf(STARVED_CONF)
-
-    res = harness_project.run("--harness-client-workers", "1", timeout=180)
-
-    res.assert_outcomes(failed=1)
-    res.stdout.fnmatch_lines(
-        ["*dispatch_lag_p99_ms * > max 10 (lower is better, client)*--harness-allow-client-bound*"]
-    )
-    (session,) = harness_project.session_dirs()
-    result = yaml.safe_load((session / "starved_server" / "result.yaml").read_text())
-    client = result["client"]
-    assert client["dispatch_lag_ms_p99"] > 10 and client["workers"] == 1
-    assert any(g["source"] == "client" for g in result["gate"])
-    assert client["client_bound"] == [g["message"] for g in result["gate"] if g["source"] == "client"]
-
-    allowed = harness_project.run(
-        "--harness-client-workers", "1", "--harness-allow-client-bound", timeout=180
-    )
-
-    allowed.assert_outcomes(passed=1)
-    (_, session2) = harness_project.session_dirs()
-    result2 = yaml.safe_load((session2 / "starved_server" / "result.yaml").read_text())
-    assert result2["client"]["client_bound"] and not result2["gate"]  # reported, not failed
-
-
-def test_client_workers_option_is_validated(harness_project: Any) -> None:
-    res = harness_project.run("--harness-client-workers", "many", "--collect-only")
-    assert res.ret == pytest.ExitCode.USAGE_ERROR
-    res.stderr.fnmatch_lines(["*--harness-client-workers*'many' is not 'auto' or a count >= 1*"])

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from support import run_pipeline
 
-from conftest import run_pipeline
 from harness_fixtures.client.requestlog import read_requests
 from harness_fixtures.config import BenchmarkCase
 from harness_fixtures.results import BenchmarkResult

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 if TYPE_CHECKING:
-    from conftest import HarnessProject
+    from support import HarnessProject
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ import yaml
 
 from harness_fixtures.servers import engine_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 CI_USER_CONF = """

@@ -22,8 +22,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MODEL = "sim-model"
 START_TIMEOUT_S = 20.0
 FAST = {"ttft_base_ms": 5, "itl_ms": 1}  # for tests that only look at content

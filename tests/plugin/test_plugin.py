@@ -12,7 +12,7 @@ import yaml
 from harness_fixtures.results import SCHEMA_VERSION, BenchmarkResult
 
 if TYPE_CHECKING:
-    from conftest import HarnessProject
+    from support import HarnessProject
 
 # Prints the hook calls and also appends them to a file: xdist workers' stdout never reaches the
 # terminal, so only the file shows whether a worker called the hook too.

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 import yaml
+from support import BENCHMARK_TEST, TINY_SIM, TINY_USER_CONF, sim_case, write_dataset
 
-from conftest import BENCHMARK_TEST, TINY_SIM, TINY_USER_CONF, sim_case, write_dataset
 from harness_fixtures.loadgen.mllog import parse_mllog
 from harness_fixtures.results import BenchmarkResult
 from harness_fixtures.servers import EngineError, LaunchContext
@@ -54,9 +54,9 @@ from harness_fixtures.servers import launchers as launchers_mod
 from harness_fixtures.servers.launchers import PORT_RETRIES, SimLauncher
 
 if TYPE_CHECKING:
-    from conftest import HarnessProject
+    from support import HarnessProject
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Short deadlines: every row ends in seconds, never at an LLM-sized default.
 DEADLINES = ("--harness-request-timeout-s=2", "--harness-test-timeout-s=20")
 START_TIMEOUT_S = 60  # the model YAMLs' engine.start_timeout_s: "fails fast" means far below this

@@ -19,7 +19,7 @@ from harness_fixtures.loadgen.mllog import parse_mllog
 from harness_fixtures.loadgen.userconf import parse_user_conf
 
 if TYPE_CHECKING:
-    from conftest import HarnessProject
+    from support import HarnessProject
 
 # Short runs; none of these keys is one checked below.
 USER_CONF = """\

@@ -13,7 +13,7 @@ from harness_fixtures.loadgen.mllog import parse_mllog
 from harness_fixtures.results import BenchmarkResult
 
 if TYPE_CHECKING:
-    from conftest import HarnessProject
+    from support import HarnessProject
 
 START_TIMEOUT_S = 60
 
