@@ -7,6 +7,7 @@ which LoadGen model name each scenario uses, and the thresholds that gate it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,31 @@ LOADGEN_SCENARIO: dict[str, LoadGenScenario] = {
 
 class ConfigError(ValueError):
     """A model YAML, user.conf or option value is wrong; the message says where and how to fix it."""
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand_env(value: str, where: str = "") -> str:
+    """``${VAR}``, ``$VAR`` and ``${VAR:-default}`` from the environment, then ``~``.
+
+    :raises ConfigError: a variable without a default is unset (or empty); the message names it and
+        ``where`` it was used, instead of a path that still contains ``${VAR}``.
+    """
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(3)
+        got = os.environ.get(name)
+        if got:
+            return got
+        if m.group(2) is not None:
+            return m.group(2)
+        place = f" (used in {where}: {value!r})" if where else f" (used in {value!r})"
+        raise ConfigError(
+            f"{name} is not set{place}; export {name}=... or give a default as ${{{name}:-default}}"
+        )
+
+    return os.path.expanduser(_ENV_REF.sub(sub, value))
 
 
 class _Strict(BaseModel):
@@ -188,12 +214,30 @@ class BenchmarkCase(_Strict):
     def served_name(self) -> str:
         return self.engine.served_model_name or self.name
 
-    def resolve(self, value: str) -> Path:
-        """A path from the YAML: env vars and ~ expanded, relative to the YAML's folder."""
-        p = Path(os.path.expanduser(os.path.expandvars(value)))
+    def resolve(self, value: str, key: str = "") -> Path:
+        """A path from the YAML: env vars and ~ expanded, relative to the YAML's folder.
+
+        :param key: the YAML key it came from, for the error message.
+        :raises ConfigError: an environment variable it uses is unset.
+        """
+        where = f"{key} of {self.source or self.name}" if key else (self.source or self.name)
+        p = Path(expand_env(value, where))
         if not p.is_absolute() and self.source:
             p = Path(self.source).parent / p
         return p
+
+    def engine_model(self) -> str:
+        """``engine.model`` with env vars expanded: a local path (resolved like other paths) or a model id.
+
+        :raises ConfigError: an environment variable it uses is unset.
+        """
+        model = self.engine.model
+        if not model or model.startswith("builtin:"):
+            return model
+        expanded = expand_env(model, f"engine.model of {self.source or self.name}")
+        if expanded.startswith(("/", ".")) or model.startswith(("~", ".")):
+            return str(self.resolve(expanded))
+        return expanded
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:

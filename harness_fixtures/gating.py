@@ -195,6 +195,41 @@ def check_consistency(consistency: dict[str, Any]) -> list[Violation]:
     return out
 
 
+def check_compliance(compliance: dict[str, Any] | None) -> list[Violation]:
+    """MLPerf compliance runs of a submission (TEST06): one violation per failed check."""
+    t06 = (compliance or {}).get("TEST06")
+    if not t06 or t06.get("passed"):
+        return []
+    examples = t06.get("examples") or {}
+    out = []
+    if t06.get("status") not in ("VALID", "INVALID"):
+        out.append(
+            Violation.make(
+                "TEST06.run",
+                t06.get("status"),
+                "completed",
+                "must_equal",
+                "compliance",
+                t06.get("reason") or "",
+            )
+        )
+    for check in ("first_token", "eos", "sample_length"):
+        if t06.get(check) is False:
+            out.append(
+                Violation.make(
+                    f"TEST06.{check}", "fail", "pass", "must_equal", "compliance",
+                    f"{examples.get(check, '')} ({t06.get('dir')}/verify_accuracy.txt)",
+                )
+            )  # fmt: skip
+    if not out:
+        out.append(
+            Violation.make(
+                "TEST06", "fail", "pass", "must_equal", "compliance", examples.get("error", "not verified")
+            )
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class ClientBoundLimits:
     """When a run counts as client-bound: the load generator, not the server, set the pace.
@@ -360,7 +395,11 @@ def baseline_entry(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str
         "metrics": {k: v for k, v in metric_values(result).items() if k in BASELINE_METRICS},
         "status": result.get("status"),
         "engine_version": engine.get("version"),
-        "engine_args": _stable_args(engine.get("argv") or [], str(Path(test_dir).parent) if test_dir else ""),
+        # Older metadata held absolute paths: their session folder becomes <session>, as new files have it.
+        "engine_args": _stable_args(
+            engine.get("argv") or [],
+            str(Path(test_dir).parent) if test_dir and Path(test_dir).is_absolute() else "",
+        ),
         "settings": {
             k: (result.get("settings") or {}).get(k)
             for k in ("target_qps", "min_duration_ms", "min_query_count", "scenario")

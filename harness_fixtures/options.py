@@ -90,6 +90,29 @@ OPTIONS: tuple[Option, ...] = (
         "Do not fail a run whose client was the bottleneck (dispatch lag p99 > 10 ms, achieved < 95 "
         "percent of scheduled QPS, or a client process CPU-saturated); it is still reported.",
     ),
+    Option(
+        "repeat",
+        "int",
+        "Run each test N times (odd N, so the median is a run's value); the summary and compare "
+        "report the median and spread.",
+        "1",
+        positive=True,
+    ),
+    Option(
+        "submission-dir",
+        "path",
+        "Also write the session as an MLPerf inference submission tree into this folder; each "
+        "performance test then also runs its scenario's accuracy run and compliance TEST06.",
+    ),
+    Option("submitter", "str", "Submitter (organization) name in the submission tree.", "unnamed"),
+    Option(
+        "submission-division", "str", "Division of the submission tree.", "open", choices=("closed", "open")
+    ),
+    Option(
+        "system-name",
+        "str",
+        "System id in the submission tree (systems/<id>.json); unset: from the hardware, e.g. 8xH100-SXM.",
+    ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -126,6 +149,11 @@ class HarnessOptions(BaseModel):
     skip_missing: bool = False
     client_workers: int | None = Field(None, description="None: auto.")
     allow_client_bound: bool = False
+    repeat: int = 1
+    submission_dir: Path | None = None
+    submitter: str = "unnamed"
+    submission_division: Literal["closed", "open"] = "open"
+    system_name: str | None = None
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -144,6 +172,11 @@ class HarnessOptions(BaseModel):
             values[field] = _parse(opt, value, source, cli_dir, root_dir)
             if opt.kind == "path":
                 values[f"{field}_explicit"] = source == "cli"
+        if values.get("repeat", 1) % 2 == 0:
+            raise OptionError(
+                f"{_where(BY_NAME['repeat'])}: {values['repeat']!r} is even; pass an odd count (1, 3, 5 ...) "
+                "so the median is one run's value"
+            )
         if not values.get("mlflow_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
             values["mlflow_uri"] = os.environ["MLFLOW_TRACKING_URI"]
         return cls(**{k: v for k, v in values.items() if k in cls.model_fields})

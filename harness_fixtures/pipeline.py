@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .accuracy.run import AccuracyRunError, score_run
-from .client.requestlog import client_stats, read_requests
-from .config import BenchmarkCase, PlannedRun
+from .client.requestlog import client_stats, read_requests, request_metrics
+from .config import BenchmarkCase, ConfigError, PlannedRun
 from .dataset import Dataset, DatasetError, load_dataset
 from .environment import capture as capture_environment
 from .environment import redact_argv, scrub_url_credentials
@@ -32,11 +33,19 @@ from .gating import (
     apply_overrides,
     check_accuracy,
     check_client_bound,
+    check_compliance,
     check_consistency,
     check_thresholds,
     compare_baseline,
 )
 from .loadgen.child import ChildOutcome, run_child
+from .loadgen.compliance import (
+    answer_first_tokens,
+    greedy,
+    logged_answers,
+    verify_test06,
+    write_audit_config,
+)
 from .loadgen.mllog import LoadGenRun, MllogError
 from .loadgen.sizing import (
     MAX_OFFLINE_ATTEMPTS,
@@ -59,14 +68,17 @@ from .results import (
     AccuracyResult,
     BaselineComparison,
     BenchmarkResult,
+    ComplianceResult,
     Consistency,
     EngineInfo,
+    LatencyLimits,
     Metadata,
     Percentiles,
     QueryCounts,
     RateChoice,
     Status,
     TelemetryResult,
+    Test06Result,
     Violation,
 )
 from .servers.base import Endpoint, EngineError
@@ -178,6 +190,9 @@ class _TestRun:
         self.suite = suite
         self.opts = suite.options
         self.test_dir = test_dir
+        # Files are recorded relative to the session folder (the test folder's parent), so a session
+        # copied or moved elsewhere still reads and uploads.
+        self.session_dir = test_dir.resolve().parent
         self.events = events
         self.nodeid = nodeid
         self.started = time.time()
@@ -190,11 +205,17 @@ class _TestRun:
             user_conf, entries = self.suite.user_conf(self.case)
         except UserConfError as exc:
             return self._error(str(exc))
-        dataset_path = self.case.resolve(self.case.dataset.path)
         try:
+            dataset_path = self.case.resolve(self.case.dataset.path, "dataset.path")
             dataset = load_dataset(self.case.dataset, dataset_path)  # before any engine starts
-        except DatasetError as exc:
+        except (DatasetError, ConfigError) as exc:
             return self._error(str(exc), skippable=True)
+        try:
+            self.case.engine_model()  # an unset ${VAR} in engine.model: said now, not by the engine
+        except ConfigError as exc:
+            return self._error(str(exc))
+        # The copy LoadGen reads: the test folder says exactly which settings the run had.
+        user_conf = Path(shutil.copyfile(user_conf, self.test_dir / "user.conf"))
         try:
             self.endpoint = get_endpoint()
         except EngineError as exc:
@@ -219,7 +240,7 @@ class _TestRun:
             self._keep_attempt(name)
             earlier.append(
                 {
-                    "dir": str(self.test_dir / name),
+                    "dir": self._rel(self.test_dir / name),
                     "offline_expected_qps": result.settings.get("target_qps"),
                     "samples_per_s": result.samples_per_s,
                     "status": result.status,
@@ -236,8 +257,66 @@ class _TestRun:
             measured = usable_offline_measurement(result)
             if measured is not None:
                 self.suite.offline_measured[self.case.name] = (measured, self.p.test_id)
-        accuracy = self._score(dataset, result) if self.p.mode == "accuracy" else None
-        return self._finish(result.model_copy(update={"accuracy": accuracy}))
+        if self.p.mode == "accuracy":
+            result = result.model_copy(
+                update={"accuracy": self._score(dataset, result.status, self.test_dir)}
+            )
+        elif self.opts.submission_dir is not None and result.status in FINISHED:
+            result = self._submission_runs(dataset, result)
+        return self._finish(result)
+
+    def _submission_runs(self, dataset: Dataset, result: BenchmarkResult) -> BenchmarkResult:
+        """What an MLPerf submission needs besides the performance run, each in its own folder:
+        compliance TEST06 (``TEST06/``) and the scenario's accuracy run (``accuracy/``)."""
+        assert self.spec is not None and self.endpoint is not None
+        base, ep, gen = self.spec, self.endpoint, self.case.generation
+        t06 = self.test_dir / "TEST06"
+        write_audit_config(t06)  # LoadGen finds it in its working directory, the run's folder
+        self.events.message(f"[harness] {self.p.test_id}: compliance TEST06 run ({t06}) ...")
+        spec06 = base.model_copy(
+            update={"out_dir": str(t06.resolve()), "t0_monotonic_ns": time.monotonic_ns()}
+        )
+        run06 = self._measure(spec06, run_child(spec06, ep))
+        answers = logged_answers(t06)
+        answer_first = None
+        if self.p.loadgen_scenario != "Offline" and greedy(gen) and answers:
+            prompts = spec06.client.load_prompts()
+            idx = sorted({int(e["qsl_idx"]) for e in answers})
+            firsts = answer_first_tokens(
+                ep.base_url, ep.served_model, gen, [prompts[i] for i in idx], ep.headers,
+                self.opts.request_timeout_s,
+            )  # fmt: skip
+            answer_first = dict(zip(idx, firsts, strict=True))
+        verdict = verify_test06(t06, self.p.loadgen_scenario, gen.eos_token_ids, answer_first)
+        (t06 / "verify_accuracy.txt").write_text(verdict.text())
+        examples = dict(verdict.examples)
+        if verdict.error:
+            examples["error"] = verdict.error
+        test06 = Test06Result(
+            dir=self._rel(t06),
+            status=run06.status,
+            reason=run06.reason,
+            samples=verdict.samples,
+            first_token=verdict.first_token,
+            eos=verdict.eos,
+            sample_length=verdict.sample_length,
+            passed=verdict.passed and run06.status in FINISHED,
+            examples=examples,
+        )
+        acc_dir = self.test_dir / "accuracy"
+        self.events.message(f"[harness] {self.p.test_id}: accuracy run ({acc_dir}) ...")
+        spec_acc = base.model_copy(
+            update={
+                "out_dir": str(acc_dir.resolve()),
+                "mode": "accuracy",
+                "t0_monotonic_ns": time.monotonic_ns(),
+            }
+        )
+        run_acc = self._measure(spec_acc, run_child(spec_acc, ep))
+        accuracy = self._score(dataset, run_acc.status, acc_dir)
+        if accuracy is None:
+            accuracy = AccuracyResult(error=f"the accuracy run ended {run_acc.status}: {run_acc.reason}")
+        return result.model_copy(update={"compliance": ComplianceResult(TEST06=test06), "accuracy": accuracy})
 
     def _size_rate(self, entries: list[ConfEntry], user_conf: Path, dataset_path: Path) -> RateChoice | None:
         """The rate of this run: the user's, or derived from a measurement on this machine."""
@@ -304,8 +383,8 @@ class _TestRun:
             target = rate.value  # SingleStream's measured latency is set by the runner after its warm-up
         return RunSpec(
             test_id=self.p.test_id,
-            out_dir=str(self.test_dir),
-            user_conf=str(user_conf),
+            out_dir=str(self.test_dir.resolve()),
+            user_conf=str(Path(user_conf).resolve()),  # the LoadGen child runs in its own folder
             loadgen_model=self.p.loadgen_model,
             loadgen_scenario=self.p.loadgen_scenario,
             mode=self.p.mode,
@@ -314,7 +393,7 @@ class _TestRun:
                 served_model=self.endpoint.served_model,
                 generation=self.case.generation,
                 dataset=self.case.dataset,
-                dataset_path=str(dataset_path),
+                dataset_path=str(Path(dataset_path).resolve()),
                 sample_count=o.sample_count,
                 request_timeout_s=o.request_timeout_s,
                 api_key_env=o.api_key_env,
@@ -426,19 +505,24 @@ class _TestRun:
         if telemetry is not None:
             marks = None
             if lg is not None:
-                limits, pct = lg.latency_limits()
-                marks = LatencyMarks(limits, pct, lg.ttft_ms, lg.tpot_ms)
+                limits_ms, pct = lg.latency_limits()
+                marks = LatencyMarks(limits_ms, pct, lg.ttft_ms, lg.tpot_ms)
             tel = telemetry.finish(out, requests, counts.output_tokens, marks)
+        tel.timeline = self._rel(tel.timeline) if tel.timeline else None
+        tel.plots = [self._rel(p) for p in tel.plots]
         paths = {
-            "test_dir": str(out),
-            "mlperf": str(out / "mlperf"),
-            "requests": str(out / "requests.jsonl"),
-            "harness_log": str(out / "harness.log"),
+            "test_dir": self._rel(out),
+            "mlperf": self._rel(out / "mlperf"),
+            "requests": self._rel(out / "requests.jsonl"),
+            "harness_log": self._rel(out / "harness.log"),
         }
+        if (out / "user.conf").is_file():
+            paths["user_conf"] = self._rel(out / "user.conf")
         if tel.timeline:
             paths["timeline"] = tel.timeline
         if tel.plots:
-            paths["plots"] = str(out / "plots")
+            paths["plots"] = self._rel(out / "plots")
+        limits = _limits(lg)
         return BenchmarkResult(
             test_id=self.p.test_id,
             model=self.case.name,
@@ -459,6 +543,13 @@ class _TestRun:
             engine_alive=child.engine_alive,
             settings=lg.settings if lg is not None else {},
             rate=_rate_record(rate, client),
+            latency_limits=limits,
+            requests=request_metrics(
+                requests,
+                limits,
+                lg.tokens_per_s if lg is not None else None,
+                lg.samples_per_s if lg is not None else None,
+            ),
             client=client_stats(
                 self.p.scenario,
                 requests,
@@ -477,16 +568,23 @@ class _TestRun:
         dest = self.test_dir / name
         dest.mkdir()
         for path in list(self.test_dir.iterdir()):
-            if path.name != "harness.log" and not path.name.startswith(("attempt-", "probe-")):
+            # harness.log is still being written; user.conf is the copy every attempt reads
+            if path.name not in ("harness.log", "user.conf") and not path.name.startswith(
+                ("attempt-", "probe-")
+            ):
                 shutil.move(str(path), dest / path.name)
 
-    def _score(self, dataset: Dataset, result: BenchmarkResult) -> AccuracyResult | None:
-        if result.status not in FINISHED:
+    def _score(self, dataset: Dataset, status: Status, run_dir: Path) -> AccuracyResult | None:
+        """Score the AccuracyOnly run in ``run_dir``; None when it did not finish."""
+        if status not in FINISHED:
             return None
         try:
-            return score_run(self.case, self.test_dir, dataset)
+            acc = score_run(self.case, run_dir, dataset)
         except (AccuracyRunError, ValueError, OSError) as exc:
             return AccuracyResult(error=str(exc))
+        if acc.accuracy_txt:
+            acc.accuracy_txt = self._rel(acc.accuracy_txt)
+        return acc
 
     # -- metadata and gate -------------------------------------------------------------------------
     def _error(self, reason: str, skippable: bool = False) -> Outcome:
@@ -499,7 +597,7 @@ class _TestRun:
             loadgen_model=self.p.loadgen_model,
             status="ERROR",
             reason=reason,
-            paths={"test_dir": str(self.test_dir)},
+            paths={"test_dir": self._rel(self.test_dir)},
         )
         outcome = self._finish(result)
         outcome.skippable = skippable
@@ -522,30 +620,36 @@ class _TestRun:
                 base_url=scrub_url_credentials(ep.base_url),
                 served_model=ep.served_model,
                 version=ep.version,
-                argv=redact_argv(ep.argv, secrets),
-                log=str(ep.log_path) if ep.log_path else None,
+                # The session folder's own path is machine-specific: <session> stands for it.
+                argv=[a.replace(str(self.session_dir), "<session>") for a in redact_argv(ep.argv, secrets)],
+                log=self._rel(ep.log_path) if ep.log_path else None,
                 pid=ep.pid,
                 start_s=ep.info.get("start_s"),
                 start_number=ep.info.get("start_number"),
             )
         o = self.opts
+        run_spec: dict[str, Any] = json.loads(self.spec.model_dump_json()) if self.spec is not None else {}
+        for key in ("out_dir", "user_conf"):
+            if key in run_spec:
+                run_spec[key] = self._rel(run_spec[key])
         data: dict[str, Any] = Metadata(
             test_id=result.test_id,
+            session=self.session_dir.name,
             nodeid=self.nodeid,
             case=self.case.model_dump(mode="json"),
             scenario=self.p.scenario,
             mode=self.p.mode,
             engine=engine,
-            run_spec=json.loads(self.spec.model_dump_json()) if self.spec is not None else {},
+            run_spec=run_spec,
             command_line=redact_argv(self.suite.command_line, secrets),
             cwd=str(self.suite.cwd),
             started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
             finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
             environment=capture_environment(self.suite.root),
             outputs={
-                "test_dir": str(self.test_dir),
-                "result": str(self.test_dir / "result.yaml"),
-                "metadata": str(self.test_dir / "metadata.yaml"),
+                "test_dir": self._rel(self.test_dir),
+                "result": self._rel(self.test_dir / "result.yaml"),
+                "metadata": self._rel(self.test_dir / "metadata.yaml"),
                 **result.paths,
             },
             mlflow=(
@@ -570,14 +674,27 @@ class _TestRun:
         if self.p.mode == "performance" and result.status == "INVALID" and not t.require_valid:
             violations = [v for v in violations if v.source != "validity"]
         violations += check_consistency(data["consistency"])
+        violations += check_compliance(data.get("compliance"))
         client_bound: list[str] = []
         if self.p.mode == "performance":
             bound = check_client_bound(data)
             client_bound = [v.message for v in bound]
             if not self.opts.allow_client_bound:
                 violations += bound
+        acc = result.accuracy
+        # the scenario's accuracy run of a submission (--harness-submission-dir)
+        if (
+            self.p.mode == "performance"
+            and self.case.accuracy is not None
+            and acc is not None
+            and acc.error is None
+            and acc.target
+            and acc.scores
+        ):
+            violations += check_accuracy(
+                acc.scores, acc.target, self.case.accuracy.min_ratio, self.case.accuracy.gen_len_band
+            )
         if self.p.mode == "accuracy":
-            acc = result.accuracy
             if acc is not None and acc.error is not None:
                 violations.append(
                     Violation.make("accuracy", "not scored", "scored", "must_equal", "accuracy", acc.error)
@@ -603,9 +720,24 @@ class _TestRun:
             comparison = BaselineComparison(path=str(self.opts.baseline), warnings=warnings, rows=rows)
         return violations, comparison, client_bound
 
+    def _rel(self, path: Path | str) -> str:
+        """``path`` relative to the session folder when it is inside it, else as it is."""
+        p = Path(path).resolve()
+        return os.path.relpath(p, self.session_dir) if p.is_relative_to(self.session_dir) else str(path)
+
 
 class _SizingFailed(Exception):
     pass
+
+
+def _limits(lg: LoadGenRun | None) -> LatencyLimits | None:
+    """The TTFT/TPOT limits LoadGen checked the run against, as requested; None without any."""
+    if lg is None:
+        return None
+    limits, pct = lg.latency_limits()
+    if not limits:
+        return None
+    return LatencyLimits(ttft_ms=limits.get("ttft"), tpot_ms=limits.get("tpot"), percentile=pct)
 
 
 def _number(v: Any) -> float | None:

@@ -284,7 +284,11 @@ class HarnessBenchmark:
         )
         self.request.node.user_properties.append((RESULT_PROP, payload))
         if write_now and not hasattr(self.config, "workerinput"):
-            write_test_files(outcome.result.model_dump(mode="json"), outcome.metadata.model_dump(mode="json"))
+            write_test_files(
+                outcome.result.model_dump(mode="json"),
+                outcome.metadata.model_dump(mode="json"),
+                self.test_dir.parent,
+            )
 
     def check(self, result: BenchmarkResult) -> None:
         """Fail the test with one line per violation; an engine's log tail follows when it died."""

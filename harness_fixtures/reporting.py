@@ -54,7 +54,9 @@ def register_reporters(config: pytest.Config, state: HarnessState) -> None:
     if options.mlflow_uri:
         from .exporters.mlflow.live import MlflowLivePlugin
 
-        plugin = MlflowLivePlugin(config, options.mlflow_uri, options.mlflow_experiment)
+        plugin = MlflowLivePlugin(
+            config, options.mlflow_uri, options.mlflow_experiment, lambda: state.session_dir
+        )
         config.pluginmanager.register(plugin, "harness-mlflow")
 
 
@@ -91,12 +93,13 @@ def session_dir(state: HarnessState) -> Path:
     return candidate
 
 
-def write_test_files(result: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
-    """result.yaml and metadata.yaml where the metadata says; returns the write errors (none: [])."""
+def write_test_files(result: dict[str, Any], metadata: dict[str, Any], session: Path) -> list[str]:
+    """result.yaml and metadata.yaml where the metadata says (relative to ``session``, the session
+    folder); returns the write errors (none: [])."""
     errors = []
     out = metadata["outputs"]
     for key, data in (("result", result), ("metadata", metadata)):
-        path = Path(out[key])
+        path = session / out[key]
         try:
             write_yaml(path, data)
         except OSError as exc:
@@ -160,7 +163,8 @@ class HarnessReporter:
         props.append(("harness_ttft_p99_ms", r["ttft_ms"].get("p99")))
         props.append(("harness_tpot_p99_ms", r["tpot_ms"].get("p99")))
         props.append(("harness_failed_requests", r["queries"]["failed"]))
-        props.append(("harness_result_path", data["metadata"]["outputs"]["result"]))
+        where = self.state.session_dir or Path()
+        props.append(("harness_result_path", str(where / data["metadata"]["outputs"]["result"])))
         if report.when != "call":
             return  # the hook (and the files) once per test
         self.config.hook.pytest_harness_result(
@@ -172,7 +176,7 @@ class HarnessReporter:
         self, config: pytest.Config, item_id: str, result: dict[str, Any], metadata: dict[str, Any]
     ) -> None:
         """The plugin's own writer: result.yaml + metadata.yaml."""
-        self.write_errors += write_test_files(result, metadata)
+        self.write_errors += write_test_files(result, metadata, session_dir(self.state))
         self.results.append({"nodeid": item_id, **result})
         self.baseline_entries[result["test_id"]] = baseline_entry(result, metadata)
         self.hardware = hardware_of(metadata)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: min, requests:, latency_limits:, compliance:, repeat; relative paths
 
 Status = Literal["VALID", "INVALID", "ERROR", "INTERRUPTED", "TIMEOUT"]
 Direction = Literal["higher_is_better", "lower_is_better", "must_equal"]
@@ -36,7 +36,57 @@ class Percentiles(_Model):
     p99: float | None = None
     p99_9: float | None = None
     mean: float | None = None
+    min: float | None = None
     max: float | None = None
+
+
+class Distribution(_Model):
+    """One per-request quantity over a run's successful requests (ms, client clock), with
+    harness_fixtures.stats' percentiles (LoadGen's definition)."""
+
+    n: int = 0
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+
+class LatencyLimits(_Model):
+    """The latency limits LoadGen checked this run against, as requested (user.conf over mlperf.conf)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    percentile: float | None = Field(None, description="The fraction (0.99) the limits apply at.")
+
+
+class RequestMetrics(_Model):
+    """What the client measured per request (requests.jsonl) that LoadGen does not report."""
+
+    input_tokens_total: int | None = Field(None, description="Prompt tokens of the successful requests.")
+    input_tokens_mean: float | None = None
+    output_tokens_mean: float | None = None
+    ttft_ms: Distribution = Field(
+        default_factory=Distribution, description="LoadGen issue → first token chunk parsed."
+    )
+    tpot_ms: Distribution = Field(
+        default_factory=Distribution, description="(done − first token) / (tokens − 1), per request."
+    )
+    itl_ms: Distribution = Field(
+        default_factory=Distribution, description="Gaps between token chunks, over all requests."
+    )
+    e2el_ms: Distribution = Field(default_factory=Distribution, description="LoadGen issue → last byte.")
+    total_token_throughput: float | None = Field(
+        None, description="(input + output) tokens/s: LoadGen's tokens_per_s × (input + output) / output."
+    )
+    good_requests: int | None = Field(
+        None, description="Successful requests within every latency limit of the run (TTFT and TPOT)."
+    )
+    request_goodput: float | None = Field(
+        None, description="Good requests per second: LoadGen's samples_per_s × good / completed."
+    )
 
 
 class QueryCounts(_Model):
@@ -154,6 +204,25 @@ def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+class Test06Result(_Model):
+    """MLPerf compliance TEST06 (LLM output consistency): a LoadGen run with the audit.config that logs
+    100 sampled answers, verified by the test's three rules (docs/submission.md)."""
+
+    dir: str = Field(description="The run's folder, relative to the session folder.")
+    status: Status = Field(description="How the LoadGen run ended.")
+    reason: str | None = None
+    samples: int = Field(0, description="Answers in its mlperf_log_accuracy.json.")
+    first_token: bool | None = Field(description="First token check; None: skipped (Offline).")
+    eos: bool
+    sample_length: bool
+    passed: bool
+    examples: dict[str, str] = Field(default_factory=dict, description="One failing answer per check.")
+
+
+class ComplianceResult(_Model):
+    TEST06: Test06Result | None = None
+
+
 class BaselineRow(_Model):
     test_id: str
     metric: str
@@ -193,13 +262,23 @@ class BenchmarkResult(_Model):
     engine_alive: bool = True
     settings: dict[str, Any] = Field(default_factory=dict, description="LoadGen's effective settings.")
     rate: RateChoice | None = None
+    latency_limits: LatencyLimits | None = Field(
+        None, description="The TTFT/TPOT limits LoadGen checked (Server scenarios with token latencies)."
+    )
+    requests: RequestMetrics = Field(default_factory=RequestMetrics)
     client: ClientStats = Field(default_factory=ClientStats)
     telemetry: TelemetryResult = Field(default_factory=TelemetryResult)
     accuracy: AccuracyResult | None = None
     consistency: Consistency = Field(default_factory=Consistency)
+    compliance: ComplianceResult | None = Field(
+        None, description="MLPerf compliance runs of this test (--harness-submission-dir): TEST06."
+    )
+    repeat: int | None = Field(None, description="With --harness-repeat N: this run's number, 1..N.")
     baseline: BaselineComparison | None = None
     gate: list[Violation] = Field(default_factory=list, description="Violated gates; empty = passed.")
-    paths: dict[str, str] = Field(default_factory=dict)
+    paths: dict[str, str] = Field(
+        default_factory=dict, description="Files of the test, relative to the session folder."
+    )
 
     @classmethod
     def load(cls, path: Path) -> BenchmarkResult:
@@ -224,6 +303,7 @@ class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     schema_version: int = SCHEMA_VERSION
     test_id: str
+    session: str | None = Field(None, description="The session folder's name; paths are relative to it.")
     nodeid: str | None = None
     case: dict[str, Any]
     scenario: str

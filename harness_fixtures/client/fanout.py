@@ -337,6 +337,8 @@ _FIELDS = (
     "status",
     "error",
     "server_request_id",
+    "prompt_tokens",
+    "chunk_ns",
 )
 
 
@@ -374,6 +376,7 @@ def worker_main(index: int, in_fd: int, out_fd: int) -> int:
     def on_complete(rec: RequestRecord) -> None:
         send(b"C " + json.dumps(_record_to(rec), separators=(",", ":")).encode() + b"\n")
         rec.token_ids = []  # sent; the record stays in client.records for the whole run
+        rec.chunk_ns = []
 
     client = StreamingClient(spec, spec.load_prompts(), on_first, on_complete)
     client.start()

@@ -7,14 +7,17 @@ Times are seconds since the test's t0 (the same clock as the telemetry timeline)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from ..results import ClientStats
-from ..stats import percentiles
+import numpy as np
+
+from ..results import ClientStats, Distribution, LatencyLimits, RequestMetrics
+from ..stats import describe, percentiles
 from .streaming import RequestRecord
 
 Request = dict[str, Any]
@@ -46,6 +49,11 @@ class RequestLogWriter:
             "status": r.status,
             "error": r.error,
             "server_request_id": r.server_request_id,
+            "input_tokens": r.prompt_tokens,
+            # Gaps between token-carrying chunks as the client parsed them, in microseconds.
+            "itl_us": [(b - a) // 1000 for a, b in itertools.pairwise(r.chunk_ns)]
+            if r.status == "ok"
+            else [],
         }
         with self._lock:
             self._fh.write(json.dumps(line) + "\n")
@@ -138,3 +146,77 @@ def client_stats(
 
 def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
+
+
+def distribution(values_ms: list[float]) -> Distribution:
+    """n, mean, std, min, p50, p90, p99, max of ``values_ms`` (harness_fixtures.stats' percentiles)."""
+    d = describe(values_ms)
+    if not d:
+        return Distribution()
+    p90 = percentiles(values_ms, (90.0,))[90.0]
+    return Distribution(
+        n=int(d["n"]),
+        mean=_r(d["mean"]),
+        std=_r(d["std"]),
+        min=_r(d["min"]),
+        p50=_r(d["p50"]),
+        p90=_r(p90),
+        p99=_r(d["p99"]),
+        max=_r(d["max"]),
+    )
+
+
+def e2el_ms(r: Request) -> float | None:
+    """LoadGen issue → the answer's end, as the client saw it; None for a failed request."""
+    if r.get("status") != "ok" or r.get("done_s") is None or r.get("issued_s") is None:
+        return None
+    return (float(r["done_s"]) - float(r["issued_s"])) * 1e3
+
+
+def is_good(r: Request, limits: LatencyLimits | None) -> bool:
+    """A successful request within every limit the run has (no limits: every successful request)."""
+    if r.get("status") != "ok":
+        return False
+    if limits is None:
+        return True
+    ttft, tpot = ttft_ms(r), tpot_ms(r)
+    if limits.ttft_ms is not None and (ttft is None or ttft > limits.ttft_ms):
+        return False
+    return not (limits.tpot_ms is not None and tpot is not None and tpot > limits.tpot_ms)
+
+
+def request_metrics(
+    requests: list[Request],
+    limits: LatencyLimits | None,
+    tokens_per_s: float | None,
+    samples_per_s: float | None,
+) -> RequestMetrics:
+    """``requests:`` of result.yaml: per-request timings, token counts and goodput from requests.jsonl.
+
+    Rates are LoadGen's (``tokens_per_s``, ``samples_per_s``) scaled by counts from the client, so they
+    share LoadGen's denominator. Goodput is counted only when the run has latency limits (Server).
+
+    :param limits: the TTFT/TPOT limits LoadGen checked the run against, or None.
+    """
+    ok = [r for r in requests if r.get("status") == "ok"]
+    inputs = [int(r["input_tokens"]) for r in ok if isinstance(r.get("input_tokens"), int)]
+    outputs = [int(r.get("n_tokens") or 0) for r in ok]
+    itl = [us / 1e3 for r in ok for us in r.get("itl_us") or ()]
+    out = RequestMetrics(
+        ttft_ms=distribution([v for r in ok if (v := ttft_ms(r)) is not None]),
+        tpot_ms=distribution([v for r in ok if (v := tpot_ms(r)) is not None]),
+        itl_ms=distribution(itl),
+        e2el_ms=distribution([v for r in ok if (v := e2el_ms(r)) is not None]),
+        output_tokens_mean=_r(sum(outputs) / len(outputs)) if outputs else None,
+    )
+    total_in, total_out = int(np.sum(inputs)), int(np.sum(outputs))
+    if ok and len(inputs) == len(ok):  # every prompt's length known, else the total would be a guess
+        out.input_tokens_total = total_in
+        out.input_tokens_mean = _r(total_in / len(inputs))
+        if tokens_per_s is not None and total_out:
+            out.total_token_throughput = _r(tokens_per_s * (total_in + total_out) / total_out)
+    if limits is not None and (limits.ttft_ms is not None or limits.tpot_ms is not None) and ok:
+        out.good_requests = len([r for r in ok if is_good(r, limits)])
+        if samples_per_s is not None:
+            out.request_goodput = _r(samples_per_s * out.good_requests / len(ok))
+    return out

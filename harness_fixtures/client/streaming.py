@@ -25,6 +25,7 @@ from .spec import ClientSpec
 # The fast path of a token chunk: vLLM's compact JSON puts each choice's ids after this key.
 _TOKEN_IDS = b'"token_ids":['
 _FINISH = b'"finish_reason":'
+_ID = b'"id":"'
 
 
 @dataclass(slots=True)  # one per request, kept for the run: no per-instance __dict__
@@ -44,7 +45,11 @@ class RequestRecord:
     finish_reason: str | None = None
     status: str = "pending"
     error: str | None = None
-    server_request_id: str | None = None
+    server_request_id: str | None = None  # the stream's SSE/JSON ``id``, else the X-Request-Id header
+    prompt_tokens: int | None = None  # the server's usage.prompt_tokens
+    # When each token-carrying chunk was parsed (time.monotonic_ns): the client-side inter-token
+    # latencies. One int per chunk; emptied with token_ids once the request is logged.
+    chunk_ns: list[int] = field(default_factory=list)
 
 
 FirstTokenCallback = Callable[[RequestRecord], None]
@@ -211,6 +216,7 @@ class StreamingClient:
         rec.done_ns = time.monotonic_ns()
         if rec.status != "ok":
             rec.token_ids = []
+            rec.chunk_ns = []
             rec.n_tokens = 0
             self.failed += 1 if report else 0
             if self.first_error is None and report:
@@ -222,12 +228,13 @@ class StreamingClient:
 class _SseStream:
     """Server-sent events of one answer, parsed as the bytes arrive (inside the protocol callback)."""
 
-    __slots__ = ("buf", "client", "done", "rec", "report")
+    __slots__ = ("buf", "client", "done", "id_seen", "rec", "report")
 
     def __init__(self, client: StreamingClient, rec: RequestRecord, report: bool) -> None:
         self.client, self.rec, self.report = client, rec, report
         self.buf = b""
         self.done = False
+        self.id_seen = False  # the stream named its id (it wins over the X-Request-Id header)
 
     def head(self, resp: Response) -> None:
         self.rec.server_request_id = resp.headers.get("x-request-id")
@@ -240,16 +247,26 @@ class _SseStream:
         while (nl := buf.find(b"\n", start)) >= 0:
             line = buf[start:nl]
             start = nl + 1
-            if line.startswith(b"data:") and self._event(line[5:].strip()):
-                self.done = True
-                self.buf = b""
-                return
+            if line.startswith(b"data:"):
+                if self._event(line[5:].strip()):
+                    self.done = True
+                    self.buf = b""
+                    return
+            elif line.startswith(b"id:") and not self.id_seen:
+                self._set_id(line[3:].strip().decode(errors="replace"))
         self.buf = buf[start:]
+
+    def _set_id(self, value: str | None) -> None:
+        if value:
+            self.rec.server_request_id = value
+            self.id_seen = True
 
     def _event(self, data: bytes) -> bool:
         """One ``data:`` payload; True at ``[DONE]``. Raises _RequestFailed for an error or bad JSON."""
         if data == b"[DONE]":
             return True
+        if not self.id_seen:
+            self._set_id(_chunk_id(data))
         fast = _token_chunk(data)
         if fast is not None:
             ids, finish = fast
@@ -268,6 +285,7 @@ class _SseStream:
         usage = chunk.get("usage")
         if usage:
             rec.usage_tokens = usage.get("completion_tokens")
+            rec.prompt_tokens = usage.get("prompt_tokens")
         for choice in chunk.get("choices") or ():
             got: list[int] | None = choice.get("token_ids")
             if got is None:
@@ -280,8 +298,10 @@ class _SseStream:
 
     def _tokens(self, ids: list[int]) -> None:
         rec = self.rec
+        now = time.monotonic_ns()
+        rec.chunk_ns.append(now)
         if not rec.token_ids:
-            rec.first_token_ns = time.monotonic_ns()
+            rec.first_token_ns = now
             rec.first_token_id = ids[0]
             rec.token_ids = list(ids)
             if self.report:
@@ -306,6 +326,20 @@ class _SseStream:
                 f"stream carried {len(rec.token_ids)} token ids but usage says {rec.usage_tokens}"
             )
         rec.n_tokens = len(rec.token_ids)
+
+
+def _chunk_id(data: bytes) -> str | None:
+    """The ``"id"`` of a chunk (vLLM's request id, first key of every chunk), by a byte search.
+
+    ``"id":"`` cannot occur inside a JSON string (its quotes would be escaped), so the first match is
+    a key; vLLM writes the chunk's own id first.
+    """
+    i = data.find(_ID)
+    if i < 0:
+        return None
+    i += len(_ID)
+    j = data.find(b'"', i)
+    return data[i:j].decode(errors="replace") if j > i else None
 
 
 def _token_chunk(data: bytes) -> tuple[list[int], str | None] | None:

@@ -46,7 +46,7 @@ def run_child(
     ``on_start(pid)`` is called once the child (the client) runs; ``on_tick(elapsed_s)`` about once a
     second (progress display). Ctrl-C / SIGTERM stop the child's group and propagate.
     """
-    out = Path(spec.out_dir)
+    out = Path(spec.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "run_spec.json"
     spec_path.write_text(spec.model_dump_json(indent=1))
@@ -60,6 +60,9 @@ def run_child(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches pytest only; we stop the child ourselves
+            # LoadGen applies an audit.config from its working directory (MLPerf compliance runs):
+            # the test's own folder, so one left in the invocation folder cannot change a run.
+            cwd=out,
         )
     engine_dead_since: float | None = None
     if on_start is not None:

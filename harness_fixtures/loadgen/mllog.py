@@ -65,9 +65,14 @@ def _ns_to_ms(v: Any) -> float | None:
     return round(float(v) / 1e6, 3) if isinstance(v, (int, float)) else None
 
 
-def _percentiles(values: dict[str, Any], fmt: str, mean_key: str, max_key: str) -> Percentiles:
+def _percentiles(values: dict[str, Any], fmt: str, mean_key: str, min_key: str, max_key: str) -> Percentiles:
     got = {name: _ns_to_ms(values.get(fmt.format(p))) for name, p in _PERCENTILE_KEYS}
-    return Percentiles(**got, mean=_ns_to_ms(values.get(mean_key)), max=_ns_to_ms(values.get(max_key)))
+    return Percentiles(
+        **got,
+        mean=_ns_to_ms(values.get(mean_key)),
+        min=_ns_to_ms(values.get(min_key)),
+        max=_ns_to_ms(values.get(max_key)),
+    )
 
 
 def invalid_constraints(values: dict[str, Any]) -> list[str]:
@@ -129,6 +134,7 @@ class LoadGenRun:
             self.values,
             "result_first_token_{}_percentile_latency_ns",
             "result_first_token_mean_latency_ns",
+            "result_first_token_min_latency_ns",
             "result_first_token_max_latency_ns",
         )
 
@@ -138,13 +144,18 @@ class LoadGenRun:
             self.values,
             "result_time_per_output_token_{}_percentile_ns",
             "result_time_to_output_token_mean",
+            "result_time_to_output_token_min",
             "result_time_to_output_token_max",
         )
 
     @property
     def latency_ms(self) -> Percentiles:
         return _percentiles(
-            self.values, "result_{}_percentile_latency_ns", "result_mean_latency_ns", "result_max_latency_ns"
+            self.values,
+            "result_{}_percentile_latency_ns",
+            "result_mean_latency_ns",
+            "result_min_latency_ns",
+            "result_max_latency_ns",
         )
 
     @property

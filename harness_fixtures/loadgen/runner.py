@@ -104,6 +104,8 @@ def run(spec: RunSpec) -> int:
 
     def on_complete(rec: RequestRecord) -> None:
         unanswered.pop(rec.query_id, None)
+        if rec.prompt_tokens is None and isinstance(prompts[rec.sample_index], list):
+            rec.prompt_tokens = len(prompts[rec.sample_index])  # a server that sent no usage
         reqlog.write(rec)
         if rec.status == "ok":
             ids = rec.token_ids if gen.first_token_in_complete else rec.token_ids[1:]
@@ -125,6 +127,7 @@ def run(spec: RunSpec) -> int:
         # LoadGen has copied the ids; the record stays in client.records for the whole run, and ~40
         # bytes per kept token made the runner grow by GBs in long runs (tools/soak.py).
         rec.token_ids = []
+        rec.chunk_ns = []
 
     rate = (
         settings.server_target_qps

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from .base import Endpoint, EngineError, LaunchContext, args_to_argv, fetch_version, log, wait_healthy
 from .process import ProcessStartError, free_port, start_process, stop_process_group
 
@@ -182,8 +183,10 @@ def _listen_args(ctx: LaunchContext, host: str, port: int) -> list[str]:
 
 
 def _model_arg(ctx: LaunchContext) -> str:
-    model: str = ctx.case.engine.model
-    return str(ctx.case.resolve(model)) if _is_path(model) else model
+    try:
+        return str(ctx.case.engine_model())
+    except ConfigError as exc:
+        raise EngineError(str(exc)) from None
 
 
 class SglangLauncher(ProcessLauncher):
@@ -245,10 +248,6 @@ class ExternalLauncher:
 
     def stop(self, endpoint: Endpoint) -> None:
         pass  # not ours to stop
-
-
-def _is_path(model: str) -> bool:
-    return model.startswith(("/", ".", "~", "$"))
 
 
 LAUNCHERS: dict[str, Any] = {

@@ -119,8 +119,8 @@ def test_token_ids_are_the_servers_exactly(start_sim: StartSim, tmp_path: Path) 
         assert rec.sent_ns <= rec.first_token_ns <= rec.done_ns
     # One first-token callback per request, with the id the stream started with.
     assert sorted(got.firsts) == [(r.query_id, r.token_ids[0]) for r in got.completed]
-    # The server-side records agree: same request (X-Request-Id), first token, token count.
-    by_id = {r["x_request_id"]: r for r in sim_records(endpoint)}
+    # The server-side records agree: same request (the stream's id), first token, token count.
+    by_id = {r["request_id"]: r for r in sim_records(endpoint)}
     for rec in got.completed:
         server = by_id[rec.server_request_id or ""]
         assert server["status"] == "ok"
@@ -159,7 +159,7 @@ def test_failed_requests_have_an_error_and_no_tokens(start_sim: StartSim, fault:
         assert rec.error
         for fragment in fragments:
             assert fragment in rec.error, rec.error
-    truth = {r["x_request_id"]: r for r in sim_records(endpoint)}
+    truth = {r["request_id"]: r for r in sim_records(endpoint)}
     if streamed_some:
         # Part of the answer arrived before the fault: the first-token callback carried the server's
         # real first token, never a placeholder.

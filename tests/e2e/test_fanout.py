@@ -111,7 +111,7 @@ def test_fanout_completes_every_query_once_with_the_servers_tokens(
     # The simulator saw the same requests: one per query plus a warm-up per worker.
     sim = requests.get(endpoint.base_url + "/sim/requests", timeout=10).json()
     ours = {r["server_request_id"] for r in reqs}
-    assert sum(1 for s in sim if s["x_request_id"] in ours and s["status"] == "ok") == len(reqs)
+    assert sum(1 for s in sim if s["request_id"] in ours and s["status"] == "ok") == len(reqs)
 
 
 def endpoint_dataset(test_dir: Path) -> str:

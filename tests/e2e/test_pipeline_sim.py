@@ -76,7 +76,7 @@ def check_counts(
     client_requests = read_requests(test_dir / "requests.jsonl")
     assert len(client_requests) == q.issued
     ours = {r["server_request_id"] for r in client_requests}
-    sim = [r for r in records if r["x_request_id"] in ours]
+    sim = [r for r in records if r["request_id"] in ours]
     assert len(sim) == q.issued and all(r["status"] == "ok" for r in sim)
     assert len(records) == q.issued + 1  # + the warm-up request
     # The simulator's generation counter moved by exactly what the client counted, plus the warm-up.
@@ -110,7 +110,7 @@ def test_server_ttft_and_tokens_match_the_simulators_records(start_sim: StartSim
 
     ours = {r["server_request_id"] for r in read_requests(test_dir / "requests.jsonl")}
     server_ttft_ms = [
-        (r["first_token_ns"] - r["received_ns"]) / 1e6 for r in records if r["x_request_id"] in ours
+        (r["first_token_ns"] - r["received_ns"]) / 1e6 for r in records if r["request_id"] in ours
     ]
     sim_p50 = statistics.median(server_ttft_ms)
     assert TTFT_MS <= sim_p50 < TTFT_MS + 20  # nothing queued: the model's TTFT plus timer slack

@@ -211,7 +211,7 @@ def test_streaming_client_reads_every_token_from_an_in_process_server(fake_serve
     for rec in records:
         assert rec.status == "ok", rec.error
         assert rec.n_tokens == 5 and rec.finish_reason == "length"
-        assert rec.server_request_id == "req-7"
+        assert rec.server_request_id == "cmpl-1"  # the stream's own id wins over X-Request-Id
         assert rec.first_token_ns >= rec.sent_ns > 0 and rec.done_ns >= rec.first_token_ns
     body = fake_server.requests[0]
     assert body["prompt"] == [1, 2, 3] and body["stream"] is True and body["return_token_ids"] is True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,15 @@ class MlflowLivePlugin:
     once, how to upload the results on disk later.
     """
 
-    def __init__(self, config: pytest.Config, tracking_uri: str, experiment: str) -> None:
+    def __init__(
+        self,
+        config: pytest.Config,
+        tracking_uri: str,
+        experiment: str,
+        session_dir: Callable[[], Path | None],
+    ) -> None:
         self.config = config
+        self._session_dir = session_dir  # the session folder, once claimed (result paths are relative)
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.target = MlflowTarget(tracking_uri, experiment)
@@ -53,8 +61,12 @@ class MlflowLivePlugin:
         self, config: pytest.Config, item_id: str, result: dict[str, Any], metadata: dict[str, Any]
     ) -> None:
         # trylast and registered after the reporter: result.yaml / metadata.yaml are written by now.
+        self.session_dir = self._session_dir()
         test_dir = Path(str((metadata.get("outputs") or {}).get("test_dir", ".")))
-        self.session_dir = test_dir.parent
+        if self.session_dir is not None:
+            test_dir = self.session_dir / test_dir  # an absolute test_dir (older files) stays as it is
+        else:
+            self.session_dir = test_dir.parent
         if self.failure is not None:
             return
         try:

@@ -40,17 +40,21 @@ BATCH_TAGS = 100
 BATCH_METRICS = 1000
 # Result fields that are not metrics: settings are params, the rest text or paths.
 NOT_METRICS = frozenset({"schema_version", "settings", "paths", "gate", "baseline"})
-# Files of a test folder logged as artifacts (requests.jsonl is left out: prompts and outputs, large).
+# Files of a test folder logged as artifacts. requests.jsonl holds timings and token counts per
+# request (no prompts, no text).
 TEST_FILES = (
     "result.yaml",
     "metadata.yaml",
+    "result.json",
     "harness.log",
     "timeline.csv",
+    "requests.jsonl",
+    "user.conf",
     "client.json",
     "run_spec.json",
     "accuracy.txt",
 )
-TEST_DIRS = ("mlperf", "plots")
+TEST_DIRS = ("mlperf", "plots", "TEST06", "accuracy")
 # Live logging must cost seconds, not minutes, when the server is down or slow.
 # (timeout s, retries, backoff factor) of each MLflow HTTP request.
 LIVE_HTTP = (5, 1, 1)
@@ -90,7 +94,10 @@ class RunRecord:
 
 
 def session_name_of(metadata: dict[str, Any]) -> str:
-    """The session folder's name as recorded (stable when the folder is moved or copied)."""
+    """The session folder's name as recorded (stable when the folder is moved or copied); files
+    written before metadata had ``session`` give it as their absolute test folder's parent."""
+    if metadata.get("session"):
+        return str(metadata["session"])
     return Path(str((metadata.get("outputs") or {}).get("test_dir", ""))).parent.name
 
 
