@@ -127,6 +127,23 @@ def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
+def export_session(session: Path, options: Any) -> list[str]:
+    """--harness-submission-dir: the session as an MLPerf submission tree, then its structural check;
+    returns the lines for the terminal. Never raises: the benchmarks' results are already on disk."""
+    from .exporters.submission import SubmissionError, export_submission
+    from .exporters.submission_check import check_submission
+
+    out = options.submission_dir
+    try:
+        folder = export_submission(
+            session, out, options.submitter, options.submission_division, options.system_name
+        )
+    except (SubmissionError, OSError, ValueError) as exc:
+        return [f"MLPerf submission tree not written: {exc}"]
+    report = check_submission(out)
+    return [f"MLPerf submission tree: {folder}", *report.text().splitlines()]
+
+
 class HarnessReporter:
     """Turns test reports into hook calls, files and a summary (controller only)."""
 
@@ -138,6 +155,7 @@ class HarnessReporter:
         self.hardware: dict[str, Any] = {}
         self.write_errors: list[str] = []
         self.started = time.time()
+        self.submission: list[str] = []  # lines for the terminal: where the tree is, what the check said
 
     @pytest.hookimpl(trylast=True)  # after -k/-m deselection
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -210,6 +228,8 @@ class HarnessReporter:
             from .metrics.plots import write_session_summary  # lazily: the plugin loads in every run
 
             write_session_summary(state.session_dir / "summary.png", self.results)
+            if state.suite.options.submission_dir is not None:
+                self.submission = export_session(state.session_dir, state.suite.options)
         if self.write_errors and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED  # results were lost: not a green run
 
@@ -247,6 +267,8 @@ class HarnessReporter:
             for r in self.results:
                 for w in (r.get("baseline") or {}).get("warnings", []):
                     tr.write_line(f"  warning: {w}", yellow=True)
+        for n, line in enumerate(self.submission):
+            tr.write_line(line, bold=n == 0)
         session = self.state.session_dir
         if session is not None:
             tr.write_line(f"session results: {session / 'session.yaml'}")

@@ -161,3 +161,54 @@ class OnChild(Events):
 
     def child_started(self, pid: int) -> None:
         self.callback(pid)
+
+
+# -- accuracy on the simulator: reference answers a word-level tokenizer decodes exactly ----------
+EOS = 2  # the simulator's default eos_token_id; "</s>" in the test tokenizer
+WORDS = (  # noqa: SIM905 (a list literal would take 44 lines)
+    "the a council city storm police team report market school river mayor village company minister "
+    "hospital court bridge festival museum said found announced opened closed warned raised built won "
+    "lost new old local national small large early late on in after before with for"
+).split()
+ENDINGS = "today. yesterday. again. overnight. locally. quickly. recently. nationwide.".split()  # noqa: SIM905
+
+
+def summaries(n: int = 16, seed: int = 7) -> list[str]:
+    """Multi-sentence summaries: capitalised starts and full stops, so punkt splits them (rougeLsum)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(2, 4)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+            sentences.append(" ".join([words[0].capitalize(), *words[1:], rng.choice(ENDINGS)]))
+        texts.append(" ".join(sentences))
+    return texts
+
+
+def build_tokenizer(folder: Path, texts: list[str]) -> dict[str, int]:
+    """A word-level tokenizer.json: ids 0-2 special, then every whitespace-separated word of ``texts``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": EOS, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # No decoder: tokenizers then joins the tokens with single spaces, the inverse of WhitespaceSplit.
+    tok.add_special_tokens(["[UNK]", "<s>", "</s>"])  # skip_special_tokens drops EOS when decoding
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    loaded = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for t in texts:
+        ids = loaded.encode(t).ids
+        assert 0 not in ids, f"unknown word in {t!r}"
+        assert loaded.decode([*ids, EOS], skip_special_tokens=True) == t
+    return vocab
+
+
+def write_responses(path: Path, prompts: list[list[int]], outputs: list[list[int]]) -> Path:
+    rows = [
+        {"prompt_token_ids": p, "output_token_ids": [*o, EOS]} for p, o in zip(prompts, outputs, strict=True)
+    ]
+    path.write_text(json.dumps(rows))
+    return path
