@@ -299,6 +299,12 @@ class PlannedRun:
     scenario: Scenario
     mode: Mode
     test_id: str
+    repeat: int | None = None  # with --harness-repeat N: 1..N
+
+    @property
+    def run_id(self) -> str:
+        """The pytest id and folder name: the test id, with ``-r<k>`` for the k-th of repeated runs."""
+        return self.test_id if self.repeat is None else f"{self.test_id}-r{self.repeat}"
 
     @property
     def loadgen_model(self) -> str:

@@ -8,6 +8,7 @@ Pure functions over result dicts (``BenchmarkResult.model_dump()``); the pipelin
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,6 +365,9 @@ class Baseline(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> Baseline:
+        """A baseline file, or a session folder (or its session.yaml) taken as one."""
+        if path.is_dir() or path.name == "session.yaml":
+            return baseline_from_session(path)
         try:
             return cls.model_validate(yaml.safe_load(path.read_text()))
         except (OSError, yaml.YAMLError, ValidationError) as exc:
@@ -407,12 +411,61 @@ def baseline_entry(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str
     }
 
 
+def merge_repeats(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One baseline entry from the entries of a test's repeated runs: each metric's median, and every
+    run's value under ``values`` (what makes a later comparison noise-aware)."""
+    if len(entries) == 1:
+        return entries[0]
+    values: dict[str, list[float]] = {}
+    for e in entries:
+        for k, v in (e.get("metrics") or {}).items():
+            values.setdefault(k, []).append(v)
+    return {
+        **entries[-1],
+        "metrics": {k: float(statistics.median(v)) for k, v in values.items()},
+        "values": values,
+    }
+
+
 def hardware_of(metadata: dict[str, Any]) -> dict[str, Any]:
     env = metadata.get("environment") or {}
     return {
         "cpu": (env.get("cpu") or {}).get("model"),
         "gpus": [g.get("name") for g in env.get("gpus") or []],
     }
+
+
+def baseline_from_session(path: Path) -> Baseline:
+    """Any session as a baseline: each test's entry from its result.yaml and metadata.yaml (repeated
+    runs merged into medians with every run's values), created at the session's end.
+
+    :raises GateError: not a session folder.
+    """
+    folder = path.parent if path.name == "session.yaml" else path
+    entries: dict[str, list[dict[str, Any]]] = {}
+    hardware: dict[str, Any] = {}
+    finished = ""
+    for rf in sorted(folder.glob("*/result.yaml")):
+        try:
+            result = yaml.safe_load(rf.read_text())
+            metadata = yaml.safe_load((rf.parent / "metadata.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # a test that left no readable files has nothing to compare against
+        if not isinstance(result, dict) or not isinstance(metadata, dict) or "test_id" not in result:
+            continue
+        entries.setdefault(str(result["test_id"]), []).append(baseline_entry(result, metadata))
+        hardware = hardware or hardware_of(metadata)
+        finished = max(finished, str(metadata.get("finished_utc") or ""))
+    if not entries:
+        raise GateError(
+            f"{str(path)!r} is not a session folder (no */result.yaml with metadata.yaml); pass a baseline "
+            "file from --harness-save-baseline or a harness_output/<session> folder"
+        )
+    return Baseline(
+        created_utc=finished or dt.datetime.now(dt.timezone.utc).isoformat(),
+        hardware=hardware,
+        results={t: merge_repeats(e) for t, e in entries.items()},
+    )
 
 
 def save_baseline(path: Path, entries: dict[str, dict[str, Any]], hardware: dict[str, Any]) -> None:

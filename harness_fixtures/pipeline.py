@@ -607,7 +607,9 @@ class _TestRun:
         metadata = self._metadata(result)
         gate, baseline, client_bound = self._gate(result, metadata)
         client = result.client.model_copy(update={"client_bound": client_bound})
-        final = result.model_copy(update={"gate": gate, "baseline": baseline, "client": client})
+        final = result.model_copy(
+            update={"gate": gate, "baseline": baseline, "client": client, "repeat": self.p.repeat}
+        )
         return Outcome(final, metadata)
 
     def _metadata(self, result: BenchmarkResult) -> Metadata:

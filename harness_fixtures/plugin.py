@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
@@ -115,15 +116,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             f"no benchmark cases: models folder {state.suite.options.models_dir} not found; "
             "set --harness-models-dir or the harness_models_dir ini key"
         )
+    n = state.suite.options.repeat
     params = [
         pytest.param(
             run,
-            id=run.test_id,
+            id=run.run_id,
             # keeps a model's tests on one xdist worker with --dist loadgroup (one engine)
             marks=[pytest.mark.xdist_group(run.case.name), pytest.mark.harness_benchmark],
         )
         for case in state.cases
-        for run in plan_runs(case, state.suite.options.mode)
+        for planned in plan_runs(case, state.suite.options.mode)
+        # --harness-repeat N: the runs of a test one after another (an Offline run sizes the next Server)
+        for run in ([planned] if n == 1 else [replace(planned, repeat=k) for k in range(1, n + 1)])
     ]
     metafunc.parametrize("harness_run", params)
 
@@ -220,7 +224,7 @@ def harness_scenario(harness_run: PlannedRun) -> str:
 
 @pytest.fixture
 def harness_test_dir(pytestconfig: pytest.Config, harness_run: PlannedRun) -> Path:
-    d = session_dir(pytestconfig.stash[STATE]) / harness_run.test_id
+    d = session_dir(pytestconfig.stash[STATE]) / harness_run.run_id
     d.mkdir(parents=True, exist_ok=False)  # a fresh session folder: an existing test dir is a bug
     return d
 

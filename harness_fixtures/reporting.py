@@ -20,10 +20,11 @@ import pytest
 
 from .config import BenchmarkCase
 from .environment import redact_argv
-from .gating import baseline_entry, hardware_of, save_baseline
+from .gating import baseline_entry, hardware_of, merge_repeats, save_baseline
 from .options import OptionError, check_output_root
 from .pipeline import Suite
-from .results import SCHEMA_VERSION, SessionFile, write_yaml
+from .results import SCHEMA_VERSION, SessionFile, write_text, write_yaml
+from .table import BY_NAME, flat_row, repeat_summary, to_csv
 
 log = logging.getLogger("harness_fixtures")
 RESULT_PROP = "harness_result_json"  # the plugin's user property carrying a test's result
@@ -96,12 +97,17 @@ def session_dir(state: HarnessState) -> Path:
 def write_test_files(result: dict[str, Any], metadata: dict[str, Any], session: Path) -> list[str]:
     """result.yaml and metadata.yaml where the metadata says (relative to ``session``, the session
     folder); returns the write errors (none: [])."""
+    from .exporters.vllm_json import vllm_result
+
     errors = []
     out = metadata["outputs"]
-    for key, data in (("result", result), ("metadata", metadata)):
-        path = session / out[key]
+    for key, data in (("result", result), ("metadata", metadata), ("result.json", None)):
+        path = session / (out[key] if data is not None else Path(out["test_dir"]) / key)
         try:
-            write_yaml(path, data)
+            if data is None:  # the same result in `vllm bench serve`'s field names
+                write_text(path, json.dumps(vllm_result(result, metadata), indent=1) + "\n")
+            else:
+                write_yaml(path, data)
         except OSError as exc:
             # A full or failing disk must not end the session in an INTERNALERROR traceback.
             message = (
@@ -151,7 +157,8 @@ class HarnessReporter:
         self.config = config
         self.state = state
         self.results: list[dict[str, Any]] = []
-        self.baseline_entries: dict[str, dict[str, Any]] = {}
+        self.metadata: list[dict[str, Any]] = []
+        self.baseline_entries: dict[str, list[dict[str, Any]]] = {}
         self.hardware: dict[str, Any] = {}
         self.write_errors: list[str] = []
         self.started = time.time()
@@ -196,7 +203,8 @@ class HarnessReporter:
         """The plugin's own writer: result.yaml + metadata.yaml."""
         self.write_errors += write_test_files(result, metadata, session_dir(self.state))
         self.results.append({"nodeid": item_id, **result})
-        self.baseline_entries[result["test_id"]] = baseline_entry(result, metadata)
+        self.metadata.append(metadata)
+        self.baseline_entries.setdefault(result["test_id"], []).append(baseline_entry(result, metadata))
         self.hardware = hardware_of(metadata)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -204,7 +212,8 @@ class HarnessReporter:
         save = state.suite.options.save_baseline
         if save is not None and self.baseline_entries:
             try:
-                save_baseline(save, self.baseline_entries, self.hardware)
+                entries = {t: merge_repeats(e) for t, e in self.baseline_entries.items()}
+                save_baseline(save, entries, self.hardware)
             except OSError as exc:
                 self.write_errors.append(f"cannot write the baseline {save}: {exc.strerror or exc}")
         if state.session_dir is not None and not self.results:
@@ -220,11 +229,22 @@ class HarnessReporter:
                 # as in metadata.yaml: no API key value, no credentials in URLs
                 command_line=redact_argv(list(self.config.invocation_params.args), secrets),
                 results=self.results,
+                repeats=repeat_summary(self.results),
             )
             try:
                 write_yaml(path, doc.model_dump(mode="json"))
             except OSError as exc:
                 self.write_errors.append(f"cannot write {path}: {exc.strerror or exc}")
+            rows = [
+                flat_row(r, state.session_dir.name, m)
+                for r, m in zip(self.results, self.metadata, strict=True)
+            ]
+            try:  # every result as one flat table: spreadsheets and pandas read it as it is
+                write_text(state.session_dir / "session.csv", to_csv(rows))
+            except OSError as exc:
+                self.write_errors.append(
+                    f"cannot write {state.session_dir / 'session.csv'}: {exc.strerror or exc}"
+                )
             from .metrics.plots import write_session_summary  # lazily: the plugin loads in every run
 
             write_session_summary(state.session_dir / "summary.png", self.results)
@@ -252,6 +272,19 @@ class HarnessReporter:
                 tr.write_line(f"{r['test_id']} FAILED:", red=True)
                 for v in r["gate"]:
                     tr.write_line(f"  - {v['message']}", red=True)
+        repeats = repeat_summary(self.results)
+        if repeats:
+            tr.write_line("")
+            tr.write_line("repeated runs: median [min - max] (spread = (max - min) / median)", bold=True)
+            for test, metrics in repeats.items():
+                for name in ("tokens_per_s", "samples_per_s", "ttft_p99_ms", "tpot_p99_ms"):
+                    if name in metrics:
+                        m = metrics[name]
+                        spread = f"{m['spread_pct']:.1f}%" if "spread_pct" in m else "-"
+                        tr.write_line(
+                            f"  {test:<28} {BY_NAME[name].label:<14} {m['median']:>10.4g} "
+                            f"[{m['min']:.4g} - {m['max']:.4g}]  spread {spread}  (n={m['n']:.0f})"
+                        )
         rows_b = [row for r in self.results for row in (r.get("baseline") or {}).get("rows", [])]
         if rows_b:
             tr.write_line("")

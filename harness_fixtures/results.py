@@ -331,6 +331,10 @@ class SessionFile(_Model):
     finished_utc: str
     command_line: list[str] = Field(default_factory=list)
     results: list[dict[str, Any]] = Field(default_factory=list, description="result.yaml + nodeid each.")
+    repeats: dict[str, dict[str, dict[str, float]]] = Field(
+        default_factory=dict,
+        description="--harness-repeat: {test id: {metric: {n, median, min, max, spread_pct}}}.",
+    )
 
     @classmethod
     def load(cls, path: Path) -> SessionFile:
@@ -339,8 +343,12 @@ class SessionFile(_Model):
 
 def write_yaml(path: Path, data: Any) -> None:
     """Write atomically and durably: a temporary file beside it, fsync, rename; no leftover on failure."""
+    write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def write_text(path: Path, text: str) -> None:
+    """:func:`write_yaml`'s atomic, durable write for any text (result.json, session.csv)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     try:
         with tmp.open("w", encoding="utf-8") as fh:
             fh.write(text)

@@ -1,9 +1,10 @@
 """The merged metrics timeline as a CSV file, its reader, and per-series summaries.
 
-File format (`timeline.csv`): a first comment line `# schema_version=1 t0_unix_s=<float>` holding the
-wall-clock time of t0 once (empty when unknown), then a header `t_s,source,series,value` and one row
-per sample sorted by t_s (seconds since the test start). One file, no side-car to lose; pandas reads
-it with `pd.read_csv(path, comment="#")`.
+File format (`timeline.csv`, schema 2): a plain CSV that ``pandas.read_csv(path)`` reads as it is —
+header ``t_s,source,series,value,t_unix_s`` and one row per sample sorted by t_s (seconds since the
+test's t0); ``t_unix_s`` is the sample's wall-clock time (empty when t0's wall time is unknown), so
+no metadata line is needed. Schema 1 files started with a ``# schema_version=1 t0_unix_s=...``
+comment line and had no ``t_unix_s`` column; the reader reads both.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from ..stats import describe
 
 __all__ = ["SCHEMA_VERSION", "Sample", "Timeline", "read_timeline", "summarize", "write_timeline"]
 
-SCHEMA_VERSION = 1
-_COLUMNS = ["t_s", "source", "series", "value"]
+SCHEMA_VERSION = 2
+_COLUMNS_V1 = ["t_s", "source", "series", "value"]
+_COLUMNS = [*_COLUMNS_V1, "t_unix_s"]
 
 
 class Sample(NamedTuple):
@@ -40,19 +42,18 @@ def write_timeline(path: Path | str, samples: Iterable[Sample], t0_unix_s: float
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted(samples, key=lambda s: (s.t_s, s.source, s.series))
-    t0 = "" if t0_unix_s is None else f"{t0_unix_s:.6f}"
     with path.open("w", newline="", encoding="utf-8") as f:
-        f.write(f"# schema_version={SCHEMA_VERSION} t0_unix_s={t0}\n")
         w = csv.writer(f)
         w.writerow(_COLUMNS)
         for s in rows:
+            wall = "" if t0_unix_s is None else f"{t0_unix_s + float(s.t_s):.6f}"
             # repr-exact floats: a round trip returns the same numbers.
-            w.writerow([repr(float(s.t_s)), s.source, s.series, repr(float(s.value))])
+            w.writerow([repr(float(s.t_s)), s.source, s.series, repr(float(s.value)), wall])
     return path
 
 
 def read_timeline(path: Path | str) -> Timeline:
-    """Read a file written by `write_timeline`.
+    """Read a file written by `write_timeline` (schema 2, or schema 1 with its comment line).
 
     :raises ValueError: when the header is not the expected one or the schema version is newer.
     """
@@ -60,10 +61,10 @@ def read_timeline(path: Path | str) -> Timeline:
     t0: float | None = None
     with path.open(newline="", encoding="utf-8") as f:
         first = f.readline()
-        if first.startswith("#"):
+        if first.startswith("#"):  # schema 1: the t0 wall time on a comment line
             fields = dict(kv.split("=", 1) for kv in first[1:].split() if "=" in kv)
             version = int(fields.get("schema_version", "1"))
-            if version > SCHEMA_VERSION:
+            if version > 1:
                 raise ValueError(
                     f"{path}: timeline schema_version {version!r} is newer than this reader's "
                     f"{SCHEMA_VERSION}; upgrade harness-fixtures"
@@ -72,12 +73,15 @@ def read_timeline(path: Path | str) -> Timeline:
             header = f.readline()
         else:
             header = first
-        if header.strip().split(",") != _COLUMNS:
+        columns = header.strip().split(",")
+        if columns not in (_COLUMNS, _COLUMNS_V1):
             raise ValueError(f"{path}: expected header {','.join(_COLUMNS)!r}, got {header.strip()!r}")
         samples = []
         for r in csv.reader(f):
             try:
                 samples.append(Sample(float(r[0]), r[1], r[2], float(r[3])))
+                if t0 is None and len(r) > 4 and r[4]:
+                    t0 = float(r[4]) - float(r[0])
             except (IndexError, ValueError):
                 continue  # a torn last row (the run was killed mid-write) or a foreign one
     return Timeline(t0, samples)

@@ -22,6 +22,7 @@ from harness_fixtures.metrics import (
     NvmlCollector,
     PrometheusCollector,
     Sample,
+    Timeline,
     read_timeline,
     summarize,
     write_timeline,
@@ -490,16 +491,32 @@ def test_timeline_round_trip(tmp_path: Path) -> None:
     ]
     path = write_timeline(tmp_path / "out" / "timeline.csv", samples, t0_unix_s=1_700_000_000.25)
     assert path.read_text().splitlines()[:2] == [
-        "# schema_version=1 t0_unix_s=1700000000.250000",
-        "t_s,source,series,value",
+        "t_s,source,series,value,t_unix_s",
+        "0.1,host,cpu_pct,12.345678901234567,1700000000.350000",
     ]
     tl = read_timeline(path)
-    assert tl.t0_unix_s == 1_700_000_000.25
+    assert tl.t0_unix_s == pytest.approx(1_700_000_000.25, abs=1e-6)
     assert tl.samples == sorted(samples, key=lambda s: (s.t_s, s.source, s.series))
     summ = summarize(tl.samples)
     assert summ["host"]["cpu_pct"]["p50"] == 12.345678901234567
     assert set(summ["engine"]) == {"running", "waiting"}
     assert read_timeline(write_timeline(tmp_path / "empty.csv", [])).samples == []
+
+
+def test_timeline_reads_with_plain_pandas_and_reads_schema_1_files(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    samples = [Sample(0.0, "engine", "running", 1.0), Sample(1.0, "engine", "running", 2.0)]
+    df = pd.read_csv(write_timeline(tmp_path / "timeline.csv", samples, t0_unix_s=100.0))
+    assert list(df.columns) == ["t_s", "source", "series", "value", "t_unix_s"]
+    assert df["value"].tolist() == [1.0, 2.0] and df["t_unix_s"].tolist() == [100.0, 101.0]
+    # without a wall-clock t0 the column is empty, and the reader says "unknown"
+    assert read_timeline(write_timeline(tmp_path / "no_t0.csv", samples)).t0_unix_s is None
+    old = tmp_path / "old.csv"  # what schema 1 wrote
+    old.write_text(
+        "# schema_version=1 t0_unix_s=1700000000.250000\nt_s,source,series,value\n0.5,host,cpu_pct,3.0\n"
+    )
+    tl = read_timeline(old)
+    assert tl == Timeline(1_700_000_000.25, [Sample(0.5, "host", "cpu_pct", 3.0)])
 
 
 def test_timeline_rejects_foreign_csv(tmp_path: Path) -> None:

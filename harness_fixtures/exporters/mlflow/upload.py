@@ -277,6 +277,8 @@ def load_test(metadata_file: Path) -> tuple[dict[str, Any], dict[str, Any], list
 def _target_for(metadata: dict[str, Any], s: UploadSettings) -> tuple[str, str]:
     recorded = metadata.get("mlflow") or {}
     uri = s.tracking_uri or recorded.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and s.dry_run:
+        uri = "(none: a dry run contacts no server)"
     if not uri:
         raise UploadError(
             "no MLflow tracking URI: pass --mlflow-tracking-uri URI (or --mlflow-host/--mlflow-port), "
