@@ -129,7 +129,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
             for k in keys:
                 v = (v or {}).get(k)
             cells.append("-" if v is None else format(v, spec))
-        rows.append((r["test_id"], r["status"], *cells, str(r["queries"]["failed"])))
+        run = r["test_id"] + (f"-r{r['repeat']}" if r.get("repeat") else "")  # --harness-repeat
+        rows.append((run, r["status"], *cells, str(r["queries"]["failed"])))
     return rows
 
 
