@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -270,6 +271,15 @@ def test_dry_run_prints_what_would_be_logged_and_sends_nothing(session_copy: Pat
     assert tree_digest(session_copy) == before
 
 
+@pytest.mark.slow
+def test_dry_run_needs_no_server_and_no_uri(session_copy: Path) -> None:
+    r = run_tool("--results-dir", str(session_copy), "--dry-run")  # clean_env: no MLFLOW_TRACKING_URI
+    assert r.returncode == 0, r.stderr
+    assert "tracking URI: (none: a dry run contacts no server)" in r.stdout
+    for name in ("requests.jsonl", "user.conf", "result.json"):
+        assert f"sim_tiny_offline/{name} -> ." in r.stdout
+
+
 # -- against a real server -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_upload_session_lands_params_metrics_artifacts_once(
@@ -316,9 +326,23 @@ def test_upload_session_lands_params_metrics_artifacts_once(
         "engine/engine.log",
         "timeline.csv",
         "harness.log",
+        "requests.jsonl",
+        "user.conf",
+        "result.json",
     ):
         assert name in artifacts
     assert "session.yaml" in mlflow_server.artifacts(parent.info.run_id)
+
+    # The uploaded session compares with its own files metric by metric: same numbers, both ways in.
+    cmp = subprocess.run(
+        [sys.executable, "-m", "harness_fixtures.compare", f"mlflow:{parent.info.run_id}", str(session_copy),
+         "--mlflow-tracking-uri", mlflow_server.uri, "--json"],
+        capture_output=True, text=True, timeout=120, env=clean_env(),
+    )  # fmt: skip
+    assert cmp.returncode == 0, cmp.stderr
+    rows = json.loads(cmp.stdout)
+    assert {r["test_id"] for r in rows} == {"sim_tiny_offline"} and len(rows) >= 3
+    assert {r["verdict"] for r in rows} == {"unchanged"} and {r["change_pct"] for r in rows} == {0.0}
 
     # Again, the whole session and then the one test: still one run per result.
     r = run_tool(*args)
