@@ -161,6 +161,9 @@ class FakeServer:
         self.server.close()
         for w in self.writers:
             w.close()
+        # Let every transport finish closing before the loop stops: one still "closing" when the
+        # loop is closed is reported as an unclosed-transport ResourceWarning in a later test.
+        await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
         await self.server.wait_closed()
         self.loop.stop()
 
