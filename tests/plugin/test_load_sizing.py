@@ -4,7 +4,6 @@ user set one, and ``rate:`` in result.yaml says which and why."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -59,7 +58,9 @@ def test_offline_faster_than_expected_is_rerun_at_the_measured_rate(harness_proj
     assert r["settings"]["target_qps"] == pytest.approx(rate["value"])
     assert rate["value"] > 5 * 2
     # Nothing measured is lost: the first attempt's LoadGen logs and requests are kept.
-    attempt = Path(first["dir"])
+    (session,) = harness_project.session_dirs()
+    attempt = session / first["dir"]  # relative to the session folder
+    assert first["dir"] == "m_offline/attempt-1"
     assert (attempt / "mlperf" / "mlperf_log_detail.txt").is_file()
     assert (attempt / "requests.jsonl").read_text().count("\n") >= 5
     detail = (attempt / "mlperf" / "mlperf_log_detail.txt").read_text()
