@@ -20,6 +20,7 @@ from ..results import Percentiles
 from ..stats import percentile
 from .base import Sample
 from .nvml import gpu_series
+from .prometheus import BELOW_SUFFIX
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -44,6 +45,15 @@ DPI = 100
 OK_STATUSES = frozenset({None, "ok", "success", "completed"})
 
 _TIME_LABEL = "time since test start (s)"
+_LATENCY_SERIES = (
+    ("ttft_s_p50", "TTFT p50"),
+    ("ttft_s_p99", "TTFT p99"),
+    ("itl_s_p50", "ITL p50"),
+    ("itl_s_p99", "ITL p99"),
+)
+# A quantile below a histogram's lowest bucket is only a bound (harness_fixtures.metrics.prometheus):
+# drawn as open down-triangles at the bound, never joined to the estimates.
+_LATENCY_BOUNDS = tuple((f"{name}{BELOW_SUFFIX}", f"{label} < bound") for name, label in _LATENCY_SERIES)
 _ENGINE_SERIES = frozenset(
     {
         "running",
@@ -51,10 +61,7 @@ _ENGINE_SERIES = frozenset(
         "kv_cache_usage",
         "generation_tokens_per_s",
         "prompt_tokens_per_s",
-        "ttft_s_p50",
-        "ttft_s_p99",
-        "itl_s_p50",
-        "itl_s_p99",
+        *(name for name, _ in _LATENCY_SERIES + _LATENCY_BOUNDS),
     }
 )
 _HOST_SERIES = frozenset({"cpu_pct", "cpu_max_core_pct", "client_cpu_pct", "mem_pct", "client_rss_mib"})
@@ -432,18 +439,19 @@ def _engine_figure(grouped: Mapping[tuple[str, str], tuple[list[float], list[flo
         (
             "Server-side latency (per scrape interval)",
             "latency (ms)",
-            [
-                ("ttft_s_p50", "TTFT p50"),
-                ("ttft_s_p99", "TTFT p99"),
-                ("itl_s_p50", "ITL p50"),
-                ("itl_s_p99", "ITL p99"),
-            ],
+            list(_LATENCY_SERIES),
             1e3,
             "latency histograms",
         ),
     ]
     for i, (ax, (title, ylabel, series, scale, what)) in enumerate(zip(axes, panels, strict=True)):
-        if not _plot_series(ax, eng, series, scale=scale, marker=".", markersize=3):
+        drawn = _plot_series(ax, eng, series, scale=scale, marker=".", markersize=3)
+        if series == list(_LATENCY_SERIES):
+            bounds = _plot_series(
+                ax, eng, _LATENCY_BOUNDS, scale=scale, linestyle="none", marker="v", fillstyle="none"
+            )
+            drawn = drawn or bounds
+        if not drawn:
             _no_data(ax, what)
         _finish(ax, title, ylabel, xlabel=i >= 2)
     return fig

@@ -26,8 +26,14 @@ from harness_fixtures.metrics import (
     summarize,
     write_timeline,
 )
-from harness_fixtures.metrics.plots import LatencyMarks
-from harness_fixtures.metrics.prometheus import ScrapeState, histogram_quantile, metrics_url
+from harness_fixtures.metrics.plots import LatencyMarks, build_figures
+from harness_fixtures.metrics.prometheus import (
+    BelowLowestBucket,
+    ScrapeState,
+    histogram_quantile,
+    metrics_url,
+    quantile_or_bound,
+)
 from harness_fixtures.results import Percentiles
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -208,10 +214,118 @@ def test_sglang_names_and_deprecated_aliases() -> None:
     assert dict(ScrapeState().update(both, 0.0))["kv_cache_usage"] == pytest.approx(0.3)
 
 
+TRTLLM_KINDS = {
+    **{k: "gauge" for k in ("running", "waiting", "kv_cache_usage")},
+    **{k: "counter" for k in ("prompt_tokens", "generation_tokens", "request_success", "prefix_cache_hits")},
+    "prefix_cache_queries": "counter",
+    **{k: "histogram" for k in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s")},
+}
+
+
+def test_trtllm_names_map_into_the_vocabulary() -> None:
+    """A hand-written exposition in TensorRT-LLM's names, buckets and labels (docs/engines.md)."""
+    state = ScrapeState()
+    out = dict(state.update((FIXTURES / "trtllm_metrics_small.txt").read_text(), t_s=0.0))
+    assert out == {"running": 7.0, "waiting": 2.0, "kv_cache_usage": 0.125}
+    # No preemption counter and no per-token histogram in TensorRT-LLM: those stay absent.
+    assert state.kinds == TRTLLM_KINDS
+    assert state.counters["request_success"].first == 16.0  # summed over finished_reason
+    assert state.counters["prefix_cache_queries"].first == 5280.0
+
+
+def _itl_text(n: int) -> str:
+    """vLLM's inter-token-latency buckets (lowest 10 ms) after n steps of 100 tokens: 98 of them
+    faster than 10 ms, 2 between 25 and 50 ms, as at GPU decode speed."""
+    bounds = ["0.01", "0.025", "0.05", "0.075", "0.1", "+Inf"]
+    fast, slow = 98 * n, 2 * n
+    counts = {"0.01": fast, "0.025": fast}
+    lines = ["# TYPE vllm:inter_token_latency_seconds histogram"]
+    for le in bounds:
+        lines.append(f'vllm:inter_token_latency_seconds_bucket{{le="{le}"}} {counts.get(le, fast + slow)}.0')
+    lines += [
+        f"vllm:inter_token_latency_seconds_count {fast + slow}.0",
+        f"vllm:inter_token_latency_seconds_sum {0.004 * fast + 0.03 * slow}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_quantile_in_the_lowest_bucket_is_only_a_bound() -> None:
+    inf = math.inf
+    assert quantile_or_bound(0.5, [(0.01, 98.0), (0.05, 100.0), (inf, 100.0)]) == BelowLowestBucket(0.01)
+    assert quantile_or_bound(0.99, [(0.01, 98.0), (0.05, 100.0), (inf, 100.0)]) == pytest.approx(0.03)
+    assert quantile_or_bound(0.5, [(0.01, 0.0), (inf, 0.0)]) is None
+    # An empty lowest bucket, or a bound at zero, is not a bound on anything.
+    assert quantile_or_bound(0.5, [(0.01, 0.0), (0.05, 10.0), (inf, 10.0)]) == pytest.approx(0.03)
+    # PromQL-style interpolation stays available and unchanged.
+    assert histogram_quantile(0.5, [(0.01, 98.0), (0.05, 100.0), (inf, 100.0)]) == pytest.approx(
+        0.0051, rel=0.01
+    )
+
+
+def test_below_bucket_quantiles_surface_as_bounds_not_numbers(tmp_path: Path) -> None:
+    state = ScrapeState()
+    state.update(_itl_text(0), t_s=0.0)
+    out = dict(state.update(_itl_text(1), t_s=1.0))
+    assert out["itl_s_p50_below"] == 0.01 and "itl_s_p50" not in out  # the timeline series
+    assert out["itl_s_p99"] == pytest.approx(0.0375)  # 0.99 rank sits in (0.025, 0.05]
+    assert out["itl_s_mean"] == pytest.approx(0.00452)  # the mean is exact: sum / count
+    state.update(_itl_text(3), t_s=2.0)
+    totals = state.histogram_summary("itl_s")
+    assert totals["p50_below"] == 0.01 and "p50" not in totals and totals["p99"] == pytest.approx(0.0375)
+    # The engine figure draws the bound as open down-triangles, not as a point on the p50 line.
+    samples = [Sample(t, "engine", "itl_s_p50_below", 0.01) for t in (1.0, 2.0)]
+    fig = build_figures(samples, [], None)["engine"]
+    latency = fig.axes[3]
+    assert [(ln.get_marker(), ln.get_label()) for ln in latency.get_lines()] == [("v", "ITL p50 < bound")]
+    assert list(latency.get_lines()[0].get_ydata()) == [10.0, 10.0]  # ms
+
+
+def test_prometheus_collector_moves_past_a_json_metrics_path() -> None:
+    """An external TensorRT-LLM server: /metrics is JSON, the Prometheus text is elsewhere."""
+    text = (FIXTURES / "trtllm_metrics_small.txt").read_text()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, kind = {
+                "/metrics": ('[{"iter": 1, "numActiveRequests": 7}]', "application/json"),
+                "/prometheus/metrics": (text, "text/plain; version=0.0.4"),
+            }.get(self.path, ("no", "text/plain"))
+            payload = body.encode()
+            self.send_response(200 if self.path in ("/metrics", "/prometheus/metrics") else 404)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        col = PrometheusCollector(url, interval_s=0.1, paths=("/metrics", "/prometheus/metrics"))
+        col.start(time.monotonic_ns())
+        col.stop()
+        assert col.status == "ok" and col.url == url + "/prometheus/metrics"
+        assert [v for _, v in col.series("running")] == [7.0, 7.0]  # the first tick already found it
+        only_json = PrometheusCollector(url, interval_s=0.1)
+        only_json.start(time.monotonic_ns())
+        only_json.stop()
+        assert (
+            only_json.status.startswith("failed (")
+            and "answers JSON, not Prometheus text" in only_json.status
+        )
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_metrics_url() -> None:
     assert metrics_url("http://h:8000") == "http://h:8000/metrics"
     assert metrics_url("http://h:8000/v1/") == "http://h:8000/metrics"
     assert metrics_url("http://h:8000/metrics") == "http://h:8000/metrics"
+    assert metrics_url("http://h:8000/v1", "/prometheus/metrics") == "http://h:8000/prometheus/metrics"
 
 
 # -- Prometheus collector over HTTP ----------------------------------------------------------------
