@@ -70,6 +70,7 @@ from .results import (
     Violation,
 )
 from .servers.base import Endpoint, EngineError
+from .servers.launchers import engine_gpu_env, metrics_paths
 
 log = logging.getLogger("harness_fixtures")
 
@@ -340,7 +341,13 @@ class _TestRun:
         self.spec = spec = spec.model_copy(update={"t0_monotonic_ns": time.monotonic_ns()})
         assert spec.t0_monotonic_ns is not None
         t0_ns = spec.t0_monotonic_ns
-        telemetry = RunTelemetry(self.endpoint.base_url, self.endpoint.headers)
+        kind = self.endpoint.kind
+        telemetry = RunTelemetry(
+            self.endpoint.base_url,
+            self.endpoint.headers,
+            metrics_paths=metrics_paths(kind),
+            gpu_env=engine_gpu_env(kind, self.case.engine.env),
+        )
         n = min(len(dataset), spec.client.sample_count or len(dataset))
         expected = (
             n
@@ -428,7 +435,9 @@ class _TestRun:
             if lg is not None:
                 limits, pct = lg.latency_limits()
                 marks = LatencyMarks(limits, pct, lg.ttft_ms, lg.tpot_ms)
-            tel = telemetry.finish(out, requests, counts.output_tokens, marks)
+            start, end = client.get("loadgen_start_s"), client.get("loadgen_end_s")
+            window = (float(start), float(end)) if start is not None and end is not None else None
+            tel = telemetry.finish(out, requests, counts.output_tokens, marks, window)
         paths = {
             "test_dir": str(out),
             "mlperf": str(out / "mlperf"),

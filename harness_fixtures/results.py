@@ -97,6 +97,32 @@ class RateChoice(_Model):
     )
 
 
+class GpuWatched(_Model):
+    """One GPU the NVML collector watched (harness_fixtures.metrics.nvml)."""
+
+    nvml_index: int = Field(description="NVML's index, as nvidia-smi shows it; the timeline's gpu<i>.")
+    uuid: str | None = None
+    name: str | None = None
+    cuda_index: int | None = Field(None, description="The engine's CUDA device ordinal, when known.")
+    mig_instance: str | None = Field(None, description="The MIG instance the engine was given on it.")
+    energy_j: float | None = Field(None, description="Joules over LoadGen's measured window.")
+    energy_source: Literal["counter", "power_integral"] | None = Field(
+        None, description="The driver's energy counter (mJ), or power samples (mW) integrated."
+    )
+    note: str | None = None
+
+
+class GpuTelemetry(_Model):
+    """Which GPUs were measured and why, and what went wrong reading them."""
+
+    selection: str = Field(description="What chose the GPUs (the engine's CUDA_VISIBLE_DEVICES ...).")
+    warnings: list[str] = Field(default_factory=list, description="What could make the choice wrong.")
+    watched: list[GpuWatched] = Field(default_factory=list)
+    issues: dict[str, str] = Field(
+        default_factory=dict, description="gpu<i> or gpu<i>.<field> → what failed (the rest was kept)."
+    )
+
+
 class TelemetryResult(_Model):
     status: str | None = Field(None, description="'not started' when the collectors never ran.")
     collectors: dict[str, str] = Field(default_factory=dict, description="Collector → status or why not.")
@@ -107,8 +133,17 @@ class TelemetryResult(_Model):
     timeline_error: str | None = None
     plots: list[str] = Field(default_factory=list)
     plots_error: str | None = None
-    gpu_energy_j: float | None = None
-    energy_j_per_output_token: float | None = None
+    gpu: GpuTelemetry | None = None
+    gpu_energy_j: float | None = Field(
+        None, description="Joules the engine's GPUs used over LoadGen's measured window."
+    )
+    energy_j_per_output_token: float | None = Field(
+        None, description="gpu_energy_j / output tokens of LoadGen's queries (same window)."
+    )
+    energy_window_s: list[float] | None = Field(
+        None, description="[start, end] of LoadGen's run, seconds since the test's t0 (timeline clock)."
+    )
+    energy_note: str | None = Field(None, description="Why gpu_energy_j is missing, when it is.")
     engine_generation_tokens: float | None = Field(
         None, description="The engine's own generated-token counter delta over the test."
     )
