@@ -570,7 +570,7 @@ class NvmlCollector(BaseCollector):
 
     def gpu_info(self) -> list[dict[str, Any]]:
         """Static facts per GPU for run metadata: index, name, uuid, PCI bus id, driver/CUDA/NVML
-        versions, memory total, power limit, MIG mode and instances. [] without NVML; a GPU or fact
+        versions, memory total, enforced power limit, maximum clocks, MIG mode and instances. [] without NVML; a GPU or fact
         NVML refuses is left out (a GPU that cannot be opened is listed with its error). Works
         before `start()` and after `stop()`."""
         own_init = self._nvml is None
@@ -604,6 +604,12 @@ class NvmlCollector(BaseCollector):
                 limit = self._try(nv, "nvmlDeviceGetEnforcedPowerLimit", h)
                 if limit is not None:
                     entry["power_limit_w"] = limit / 1000.0
+                max_clocks = {
+                    key: self._try(nv, "nvmlDeviceGetMaxClockInfo", h, getattr(nv, const, None))
+                    for key, const in (("sm", "NVML_CLOCK_SM"), ("mem", "NVML_CLOCK_MEM"))
+                }
+                if all(v is not None for v in max_clocks.values()):
+                    entry["max_clocks_mhz"] = max_clocks
                 mode = self._try(nv, "nvmlDeviceGetMigMode", h)
                 if mode:
                     entry["mig_mode"] = {"current": int(mode[0]), "pending": int(mode[1])}
