@@ -570,9 +570,10 @@ class NvmlCollector(BaseCollector):
 
     def gpu_info(self) -> list[dict[str, Any]]:
         """Static facts per GPU for run metadata: index, name, uuid, PCI bus id, driver/CUDA/NVML
-        versions, memory total, enforced power limit, maximum clocks, MIG mode and instances. [] without NVML; a GPU or fact
-        NVML refuses is left out (a GPU that cannot be opened is listed with its error). Works
-        before `start()` and after `stop()`."""
+        versions, memory total, enforced power limit, maximum clocks, MIG mode and instances.
+
+        [] without NVML; a GPU or fact NVML refuses is left out (a GPU that cannot be opened is
+        listed with its error). Works before `start()` and after `stop()`."""
         own_init = self._nvml is None
         if own_init and self._init_nvml() is not None:
             return []
