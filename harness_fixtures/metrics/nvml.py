@@ -538,7 +538,7 @@ class NvmlCollector(BaseCollector):
     def issues(self) -> dict[str, str]:
         """What went wrong where ("gpu1.power_w", "gpu3"), in words; {} when nothing did."""
         out = dict(self._issues)
-        for where, (count, first) in self._transient.items():
+        for where, (count, first) in list(self._transient.items()):  # the thread may add one
             out.setdefault(where, f"{count} read(s) failed, first: {first}")
         return out
 
