@@ -15,8 +15,9 @@ from ..results import TelemetryResult
 from .base import CollectorSet
 from .host import HostCollector
 from .nvml import NvmlCollector
-from .plots import LatencyMarks
+from .plots import LatencyMarks, RunWindow
 from .prometheus import PrometheusCollector
+from .timeline import Sample
 
 log = logging.getLogger("harness_fixtures.metrics")
 
@@ -40,17 +41,22 @@ class RunTelemetry:
         if self.set is not None:
             self.set.stop()
 
+    def samples(self) -> list[Sample]:
+        return self.set.samples() if self.set is not None else []
+
     def finish(
         self,
         out_dir: Path,
         requests: list[Request],
         output_tokens: int,
         marks: LatencyMarks | None = None,
+        window: RunWindow | None = None,
     ) -> TelemetryResult:
         """Write timeline.csv and plots; return ``telemetry:`` of result.yaml.
 
         :param marks: the scenario's limits and LoadGen's percentiles for the latency CDFs (the same
             numbers result.yaml and the terminal show).
+        :param window: the warm-up and LoadGen's measured window, shaded on every time plot.
         """
         if self.set is None:
             return TelemetryResult(status="not started")
@@ -65,12 +71,10 @@ class RunTelemetry:
             out.gpu_energy_j = round(energy, 3)
             if output_tokens:
                 out.energy_j_per_output_token = round(energy / output_tokens, 6)
-        # The engine's own count of generated tokens over the run (warm-up request included).
-        out.engine_generation_tokens = self.engine.delta("generation_tokens")
         try:
             from .plots import write_plots
 
-            paths = write_plots(out_dir / "plots", self.set.samples(), requests, marks)
+            paths = write_plots(out_dir / "plots", self.set.samples(), requests, marks, window)
             out.plots = [str(p) for p in paths]
         except Exception as exc:
             log.warning("plots failed: %s", traceback.format_exc(limit=3))
