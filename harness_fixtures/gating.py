@@ -337,7 +337,7 @@ class Baseline(BaseModel):
             ) from None
 
 
-def _stable_args(argv: list[str], session_dir: str = "") -> list[str]:
+def stable_args(argv: list[str], session_dir: str = "") -> list[str]:
     """Engine args that define the configuration: without the executable, the per-run port and the
     session folder (the simulator's settings file lives there: a new path every session)."""
     out: list[str] = []
@@ -360,7 +360,7 @@ def baseline_entry(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str
         "metrics": {k: v for k, v in metric_values(result).items() if k in BASELINE_METRICS},
         "status": result.get("status"),
         "engine_version": engine.get("version"),
-        "engine_args": _stable_args(engine.get("argv") or [], str(Path(test_dir).parent) if test_dir else ""),
+        "engine_args": stable_args(engine.get("argv") or [], str(Path(test_dir).parent) if test_dir else ""),
         "settings": {
             k: (result.get("settings") or {}).get(k)
             for k in ("target_qps", "min_duration_ms", "min_query_count", "scenario")

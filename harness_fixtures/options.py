@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Kind = Literal["str", "path", "float", "int", "bool", "workers"]
+Kind = Literal["str", "path", "float", "int", "bool", "workers", "rate"]
 
 
 class OptionError(ValueError):
@@ -53,9 +53,37 @@ OPTIONS: tuple[Option, ...] = (
     Option("mode", "str", "LoadGen mode.", "performance", choices=("performance", "accuracy")),
     Option(
         "target-qps",
+        "rate",
+        "Server target QPS / Offline expected QPS / SingleStream 1 / expected latency; 'auto': the "
+        "capacity last found for this model, engine and hardware (searched when there is none); unset: "
+        "user.conf, else sized from this machine's measurement.",
+        positive=True,
+    ),
+    Option(
+        "find-capacity",
+        "bool",
+        "Server/Interactive: search the highest load that meets the latency limits with short probes, "
+        "then run the test at it.",
+    ),
+    Option(
+        "capacity-precision",
         "float",
-        "Server target QPS / Offline expected QPS / SingleStream 1 / expected latency; unset: user.conf, "
-        "else sized from this machine's measurement.",
+        "Capacity search: stop at this relative precision, percent.",
+        "5",
+        positive=True,
+    ),
+    Option("capacity-max-probes", "int", "Capacity search: at most this many probes.", "8", positive=True),
+    Option(
+        "capacity-probe-queries",
+        "int",
+        "Capacity search: queries per probe; default: a tenth of the run's min_query_count, at least "
+        "2 / (1 - percentile) (20 at p90, 200 at p99).",
+        positive=True,
+    ),
+    Option(
+        "capacity-probe-duration-ms",
+        "int",
+        "Capacity search: min_duration of a probe; default: a tenth of the run's.",
         positive=True,
     ),
     Option("min-duration-ms", "int", "Override LoadGen min_duration (ms)."),
@@ -112,6 +140,12 @@ class HarnessOptions(BaseModel):
     api_key_env: str | None = None
     mode: Literal["performance", "accuracy"] = "performance"
     target_qps: float | None = None
+    target_qps_auto: bool = Field(False, description="--harness-target-qps auto.")
+    find_capacity: bool = False
+    capacity_precision_pct: float = 5.0
+    capacity_max_probes: int = 8
+    capacity_probe_queries: int | None = None
+    capacity_probe_duration_ms: int | None = None
     min_duration_ms: int | None = None
     min_query_count: int | None = None
     sample_count: int | None = None
@@ -141,7 +175,11 @@ class HarnessOptions(BaseModel):
             if value is None:
                 continue
             field = _FIELD.get(opt.name, opt.dest[len("harness_") :])
-            values[field] = _parse(opt, value, source, cli_dir, root_dir)
+            parsed = _parse(opt, value, source, cli_dir, root_dir)
+            if parsed == "auto" and opt.kind == "rate":
+                values[f"{field}_auto"] = True
+                continue
+            values[field] = parsed
             if opt.kind == "path":
                 values[f"{field}_explicit"] = source == "cli"
         if not values.get("mlflow_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
@@ -149,7 +187,7 @@ class HarnessOptions(BaseModel):
         return cls(**{k: v for k, v in values.items() if k in cls.model_fields})
 
 
-_FIELD = {"max-regression": "max_regression_pct"}
+_FIELD = {"max-regression": "max_regression_pct", "capacity-precision": "capacity_precision_pct"}
 
 
 def _where(opt: Option) -> str:
@@ -163,6 +201,8 @@ def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir:
     if opt.kind == "path":
         base = cli_dir if source == "cli" else root_dir
         return (base / os.path.expanduser(text)).resolve()
+    if opt.kind == "rate" and text.lower() == "auto":
+        return "auto"
     if opt.kind == "workers":
         if text.lower() == "auto":
             return None
@@ -173,13 +213,12 @@ def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir:
         if n < 1:
             raise OptionError(f"{_where(opt)}: {value!r} is not 'auto' or a count >= 1")
         return n
-    if opt.kind in ("float", "int"):
+    if opt.kind in ("float", "int", "rate"):
         try:
-            number: float | int = float(text) if opt.kind == "float" else int(text)
+            number: float | int = float(text) if opt.kind != "int" else int(text)
         except ValueError:
-            raise OptionError(
-                f"{_where(opt)}: {value!r} is not {'a number' if opt.kind == 'float' else 'a whole number'}"
-            ) from None
+            want = {"float": "a number", "int": "a whole number", "rate": "a number or 'auto'"}[opt.kind]
+            raise OptionError(f"{_where(opt)}: {value!r} is not {want}") from None
         if opt.positive and number <= 0:
             raise OptionError(f"{_where(opt)} must be > 0, got {value!r}")
         if opt.kind == "int" and number < 0:

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from .accuracy.run import AccuracyRunError, score_run
 from .client.requestlog import client_stats, read_requests
 from .config import BenchmarkCase, PlannedRun
 from .dataset import Dataset, DatasetError, load_dataset
+from .diagnosis import diagnose
 from .environment import capture as capture_environment
 from .environment import redact_argv, scrub_url_credentials
 from .gating import (
@@ -35,8 +37,21 @@ from .gating import (
     check_consistency,
     check_thresholds,
     compare_baseline,
+    stable_args,
+)
+from .loadgen.capacity import (
+    CapacitySearch,
+    Limits,
+    constraint_checks,
+    early_stopping_percentile,
+    limits_of,
+    load_store,
+    probe_margins,
+    save_capacity,
+    store_key,
 )
 from .loadgen.child import ChildOutcome, run_child
+from .loadgen.effective import EffectiveSettings, EffectiveSettingsError, effective_settings
 from .loadgen.mllog import LoadGenRun, MllogError
 from .loadgen.sizing import (
     MAX_OFFLINE_ATTEMPTS,
@@ -51,16 +66,21 @@ from .loadgen.sizing import (
 )
 from .loadgen.spec import RunSpec
 from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf
-from .metrics.plots import LatencyMarks
+from .metrics.plots import LatencyMarks, RunWindow, write_capacity_plot
 from .metrics.telemetry import RunTelemetry
+from .metrics.window import gauges_over
 from .options import HarnessOptions
 from .results import (
     FINISHED,
     AccuracyResult,
     BaselineComparison,
     BenchmarkResult,
+    CapacityProbe,
+    CapacityResult,
     Consistency,
+    ConstraintCheck,
     EngineInfo,
+    EngineWindow,
     Metadata,
     Percentiles,
     QueryCounts,
@@ -73,6 +93,7 @@ from .servers.base import Endpoint, EngineError
 from .servers.launchers import engine_gpu_env, metrics_paths
 
 log = logging.getLogger("harness_fixtures")
+CAPACITY_STORE = "capacity.yaml"  # in the output dir: the capacity last found per model, engine, hardware
 
 ProgressTick = Callable[[float], None]
 
@@ -184,6 +205,10 @@ class _TestRun:
         self.started = time.time()
         self.endpoint: Endpoint | None = None
         self.spec: RunSpec | None = None
+        self._capacity: CapacityResult | None = None
+        self._checks: list[ConstraintCheck] = []  # the last run's latency limits and observations
+        self._requests: list[dict[str, Any]] = []  # the last run's request log
+        self._warmup: dict[str, Any] = {}  # the last run's warm-up request (unloaded latency)
 
     # -- the steps -------------------------------------------------------------------------------
     def execute(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
@@ -231,6 +256,34 @@ class _TestRun:
             log.info("%s: %s", self.p.test_id, rate.reason)
             spec = spec.model_copy(update={"target_qps": rate.value})
             result = self._attempt(spec, dataset, rate, entries)
+        if (
+            rate is not None
+            and rate.source == "capacity search"
+            and rate.value is not None
+            and result.status == "INVALID"
+            and result.queries.failed == 0
+        ):
+            # The load found sits within the search's precision of the limit; a full run there can
+            # still fail LoadGen's early stopping. One more confirmation, a step further below.
+            self._keep_attempt("confirmation-1")
+            earlier.append(
+                {
+                    "dir": str(self.test_dir / "confirmation-1"),
+                    "server_target_qps": rate.value,
+                    "status": result.status,
+                    "reason": result.reason,
+                }
+            )
+            lower = round(rate.value * (1 - 2 * self.opts.capacity_precision_pct / 100), 6)
+            rate = rate.model_copy(
+                update={
+                    "value": lower,
+                    "attempts": rate.attempts + 1,
+                    "reason": f"{rate.reason}; the full run there was INVALID, confirmed at "
+                    f"{lower:.4g} QPS (2 × the precision lower)",
+                }
+            )
+            result = self._attempt(spec.model_copy(update={"target_qps": lower}), dataset, rate, entries)
         if earlier and result.rate is not None:
             result.rate.earlier_attempts = earlier
         if self.p.mode == "performance" and self.p.scenario == "Offline":
@@ -245,18 +298,151 @@ class _TestRun:
         if self.p.mode == "accuracy":
             return None  # AccuracyOnly issues every sample once, whatever the rate
         lg_scenario = self.p.loadgen_scenario
-        choice = explicit_rate(entries, self.p.loadgen_model, lg_scenario, self.opts.target_qps)
+        o = self.opts
+        if lg_scenario == "Server" and (o.find_capacity or o.target_qps_auto):
+            stored = None if o.find_capacity else self._stored_capacity(user_conf)
+            return stored or self._capacity_rate(user_conf, dataset_path)
+        choice = explicit_rate(entries, self.p.loadgen_model, lg_scenario, o.target_qps)
         if choice is not None:
             return choice
         if lg_scenario == "SingleStream":
             return single_stream_from_warmup()
         if lg_scenario == "Offline":
             return offline_rate(self.p.loadgen_model)
+        measured = self._offline_measurement(user_conf, dataset_path)
+        return server_from_offline(measured[0], self.case.load.server_fraction, measured[1])
+
+    def _offline_measurement(self, user_conf: Path, dataset_path: Path) -> tuple[float, str]:
+        """The model's Offline samples/s this session (its Offline test, else a short probe)."""
         measured = self.suite.offline_measured.get(self.case.name)
         if measured is None:
             measured = self._offline_probe(user_conf, dataset_path)
             self.suite.offline_measured[self.case.name] = measured
-        return server_from_offline(measured[0], self.case.load.server_fraction, measured[1])
+        return measured
+
+    def _limits(self, user_conf: Path) -> tuple[Limits, EffectiveSettings]:
+        try:
+            eff = effective_settings(user_conf, self.p.loadgen_model, "Server")
+        except EffectiveSettingsError as exc:
+            raise _SizingFailed(str(exc)) from None
+        return Limits(eff.ttft_latency_ms, eff.tpot_latency_ms, eff.target_latency_percentile), eff
+
+    def _capacity_key(self, limits: Limits) -> str:
+        ep = self.endpoint
+        assert ep is not None
+        env = capture_environment(self.suite.root)
+        engine = f"{ep.kind} {ep.version} " + " ".join(stable_args(ep.argv))
+        hardware = (
+            f"{(env.get('cpu') or {}).get('model')}; GPUs: {[g.get('name') for g in env.get('gpus') or []]}"
+        )
+        return store_key(self.case.name, self.p.scenario, self.p.loadgen_model, engine, hardware, limits)
+
+    def _stored_capacity(self, user_conf: Path) -> RateChoice | None:
+        """``--harness-target-qps auto``: the capacity last found for this model, engine and hardware."""
+        limits, _ = self._limits(user_conf)
+        entry = load_store(self.opts.output_dir / CAPACITY_STORE).get(self._capacity_key(limits))
+        if not entry or not entry.get("found_qps"):
+            return None
+        return RateChoice(
+            setting="server_target_qps",
+            value=float(entry["found_qps"]),
+            source="stored capacity",
+            reason=f"the capacity found by {entry.get('test_id')} in session {entry.get('session')} "
+            f"({entry.get('binding_constraint')} bound), for this model, engine and hardware",
+            measured_from=str(entry.get("session")),
+        )
+
+    def _capacity_rate(self, user_conf: Path, dataset_path: Path) -> RateChoice:
+        """Search the highest load that meets the latency limits with short probes (loadgen.capacity)."""
+        assert self.endpoint is not None
+        o = self.opts
+        upper, upper_from = self._offline_measurement(user_conf, dataset_path)
+        limits, eff = self._limits(user_conf)
+        need = math.ceil(2 / max(1e-6, 1 - limits.percentile))  # queries for the percentile to mean something
+        queries = o.capacity_probe_queries or max(math.ceil(eff.min_query_count / 10), need)
+        duration_ms = o.capacity_probe_duration_ms or eff.min_duration_ms // 10
+        base = self._spec(user_conf, dataset_path, None)
+        self.events.message(
+            f"[harness] {self.p.test_id}: searching the capacity below {upper:.4g} QPS (the Offline "
+            f"throughput), probes of {queries} queries / {duration_ms / 1000:g} s ..."
+        )
+
+        def probe(qps: float) -> CapacityProbe:
+            n = len(search.probes) + 1
+            spec = base.model_copy(
+                update={
+                    "out_dir": str(self.test_dir / "capacity" / f"probe-{n:02d}"),
+                    "target_qps": qps,
+                    "min_duration_ms": duration_ms,
+                    "min_query_count": queries,
+                }
+            )
+            assert self.endpoint is not None
+            child = run_child(spec, self.endpoint)
+            measured = self._measure(spec, child)
+            # Judged at the percentile the full-length confirmation's early stopping will demand at this
+            # load (stricter than the scenario's at a few hundred queries), so what passes here passes there.
+            full_queries = max(eff.min_query_count, math.ceil(qps * eff.min_duration_ms / 1000))
+            at = early_stopping_percentile(full_queries, limits.percentile) or limits.percentile
+            margins = probe_margins(self._requests, limits, at)
+            passed = (
+                measured.status in FINISHED
+                and measured.queries.failed == 0
+                and all(m is not None and m <= 1.0 for m in margins.values())
+            )
+            why = None
+            if not passed:
+                why = diagnose(measured, self._checks, self._warmup, upper, []).verdict
+            self.events.message(
+                f"[harness]   probe {n}: {qps:.4g} QPS → {'pass' if passed else 'fail'} "
+                f"(at p{100 * at:.4g}: TTFT {_x(margins.get('ttft'))}, TPOT {_x(margins.get('tpot'))} "
+                "of the limits)"
+            )
+            return CapacityProbe(
+                qps=qps,
+                percentile=round(at, 4),
+                ttft_margin=margins.get("ttft"),
+                tpot_margin=margins.get("tpot"),
+                verdict="pass" if passed else "fail",
+                duration_s=round(child.duration_s, 3),
+                dir=spec.out_dir,
+                diagnosis=why,
+            )
+
+        search = CapacitySearch(probe, upper, o.capacity_precision_pct / 100, o.capacity_max_probes)
+        found = search.run().model_copy(update={"upper_bound_from": upper_from})
+        found.plot = write_capacity_plot(self.test_dir / "capacity" / "capacity.png", found, limits)
+        self._capacity = found
+        if found.found_qps is None:
+            raise _SizingFailed(
+                f"capacity search: {found.stopped_because} ({len(found.probes)} probes up to "
+                f"{upper:.4g} QPS; {self.test_dir / 'capacity'})"
+            )
+        with contextlib.suppress(OSError):
+            save_capacity(
+                self.opts.output_dir / CAPACITY_STORE,
+                self._capacity_key(limits),
+                {
+                    "found_qps": found.found_qps,
+                    "binding_constraint": found.binding_constraint,
+                    "precision": found.precision,
+                    "session": self.test_dir.parent.name,
+                    "test_id": self.p.test_id,
+                    "found_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                },
+            )
+        return RateChoice(
+            setting="server_target_qps",
+            value=found.found_qps,
+            source="capacity search",
+            reason=(
+                f"the highest load that met the latency limits in {len(found.probes)} probes: "
+                f"{found.found_qps:.4g} QPS ({found.binding_constraint} bound; the next failing load is "
+                f"{100 * (found.precision or 0):.1f} % higher)"
+            ),
+            measured_from="capacity",
+            measured_samples_per_s=upper,
+        )
 
     def _offline_probe(self, user_conf: Path, dataset_path: Path) -> tuple[float, str]:
         """A short Offline run (``load.probe_queries`` samples) that measures the model's throughput."""
@@ -297,11 +483,8 @@ class _TestRun:
         assert self.endpoint is not None
         o = self.opts
         target = o.target_qps
-        if (
-            rate is not None
-            and rate.source == "measured"
-            and rate.setting != "single_stream_expected_latency_ms"
-        ):
+        sized = ("measured", "capacity search", "stored capacity")
+        if rate is not None and rate.source in sized and rate.setting != "single_stream_expected_latency_ms":
             target = rate.value  # SingleStream's measured latency is set by the runner after its warm-up
         return RunSpec(
             test_id=self.p.test_id,
@@ -429,15 +612,21 @@ class _TestRun:
                 f"LoadGen run ended without a result (runner exit code {child.returncode}); see "
                 f"{out / 'harness.log'}"
             )
+        window = RunWindow.of(client)
         tel = TelemetryResult()
         if telemetry is not None:
             marks = None
             if lg is not None:
                 limits, pct = lg.latency_limits()
                 marks = LatencyMarks(limits, pct, lg.ttft_ms, lg.tpot_ms)
-            start, end = client.get("loadgen_start_s"), client.get("loadgen_end_s")
-            window = (float(start), float(end)) if start is not None and end is not None else None
             tel = telemetry.finish(out, requests, counts.output_tokens, marks, window)
+        engine = EngineWindow.model_validate(client["engine_window"]) if client.get("engine_window") else None
+        if engine is not None and telemetry is not None and window.loadgen is not None:
+            engine = gauges_over(engine, telemetry.samples(), *window.loadgen)
+        lg_limits = limits_of(lg) if lg is not None else None
+        self._checks = constraint_checks(lg, requests, lg_limits) if lg is not None and lg_limits else []
+        self._requests = requests
+        self._warmup = client.get("warmup") or {}
         paths = {
             "test_dir": str(out),
             "mlperf": str(out / "mlperf"),
@@ -468,6 +657,7 @@ class _TestRun:
             engine_alive=child.engine_alive,
             settings=lg.settings if lg is not None else {},
             rate=_rate_record(rate, client),
+            engine=engine,
             client=client_stats(
                 self.p.scenario,
                 requests,
@@ -486,7 +676,9 @@ class _TestRun:
         dest = self.test_dir / name
         dest.mkdir()
         for path in list(self.test_dir.iterdir()):
-            if path.name != "harness.log" and not path.name.startswith(("attempt-", "probe-")):
+            if path.name != "harness.log" and not path.name.startswith(
+                ("attempt-", "probe-", "confirmation-", "capacity")
+            ):
                 shutil.move(str(path), dest / path.name)
 
     def _score(self, dataset: Dataset, result: BenchmarkResult) -> AccuracyResult | None:
@@ -515,10 +707,23 @@ class _TestRun:
         return outcome
 
     def _finish(self, result: BenchmarkResult) -> Outcome:
+        result = result.model_copy(update={"capacity": self._capacity})
         metadata = self._metadata(result)
         gate, baseline, client_bound = self._gate(result, metadata)
         client = result.client.model_copy(update={"client_bound": client_bound})
-        final = result.model_copy(update={"gate": gate, "baseline": baseline, "client": client})
+        diagnosis = None
+        if self.p.mode == "performance" and (result.status == "INVALID" or client_bound):
+            measured = self.suite.offline_measured.get(self.case.name)
+            diagnosis = diagnose(
+                result.model_copy(update={"client": client}),
+                self._checks,
+                self._warmup,
+                measured[0] if measured else None,
+                client_bound,
+            )
+        final = result.model_copy(
+            update={"gate": gate, "baseline": baseline, "client": client, "diagnosis": diagnosis}
+        )
         return Outcome(final, metadata)
 
     def _metadata(self, result: BenchmarkResult) -> Metadata:
@@ -631,3 +836,7 @@ def _rate_record(rate: RateChoice | None, client: dict[str, Any]) -> RateChoice 
             update={"reason": "the warm-up request failed, so LoadGen's configured value was used"}
         )
     return rate.model_copy(update={"value": measured})
+
+
+def _x(margin: float | None) -> str:
+    return "-" if margin is None else f"{margin:.2f}×"

@@ -296,6 +296,9 @@ class HarnessBenchmark:
             r = result.rate
             value = "as configured" if r.value is None else f"{r.value:g}"
             lines.append(f"load: {r.setting} {value} ({r.source}: {r.reason})")
+        if result.diagnosis is not None:
+            lines.append(f"why: {result.diagnosis.verdict}")
+            lines.append(f"next: {result.diagnosis.next_step}")
         if result.status in ("ERROR", "TIMEOUT") and result.reason and "\n" in result.reason:
             lines.append(result.reason)
         pytest.fail("\n".join(lines), pytrace=False)

@@ -228,6 +228,9 @@ class HarnessReporter:
                 tr.write_line(f"{r['test_id']} FAILED:", red=True)
                 for v in r["gate"]:
                     tr.write_line(f"  - {v['message']}", red=True)
+                if r.get("diagnosis"):
+                    tr.write_line(f"  why: {r['diagnosis']['verdict']}", red=True)
+                    tr.write_line(f"  next: {r['diagnosis']['next_step']}", red=True)
         rows_b = [row for r in self.results for row in (r.get("baseline") or {}).get("rows", [])]
         if rows_b:
             tr.write_line("")

@@ -85,7 +85,9 @@ class RateChoice(_Model):
     value: float | None = Field(
         description="What LoadGen was given; None: as user.conf / mlperf.conf set it, or not measured."
     )
-    source: Literal["command line", "user.conf", "measured", "loadgen default"]
+    source: Literal[
+        "command line", "user.conf", "measured", "loadgen default", "capacity search", "stored capacity"
+    ]
     reason: str
     measured_from: str | None = Field(None, description="Test id or folder whose measurement sized it.")
     measured_samples_per_s: float | None = None
@@ -123,6 +125,83 @@ class GpuTelemetry(_Model):
     )
 
 
+class CapacityProbe(_Model):
+    """One short LoadGen run of the capacity search."""
+
+    qps: float
+    percentile: float | None = Field(
+        None,
+        description="The percentile (0–1) the probe was judged at: what LoadGen's early stopping demands "
+        "of a full-length run at this load (at least the scenario's).",
+    )
+    ttft_margin: float | None = Field(None, description="Observed TTFT at that percentile / limit.")
+    tpot_margin: float | None = Field(None, description="Observed TPOT at that percentile / limit.")
+    verdict: Literal["pass", "fail"] = Field(description="pass: every margin ≤ 1 and no request failed.")
+    duration_s: float
+    dir: str | None = None
+    diagnosis: str | None = Field(None, description="Why a failed probe failed (the diagnosis verdict).")
+
+
+class CapacityResult(_Model):
+    """``capacity:`` of result.yaml: what the search found and how."""
+
+    found_qps: float | None = Field(description="The highest load that passed; None when none did.")
+    binding_constraint: Literal["ttft", "tpot"] | None = Field(
+        None, description="The limit that stopped higher loads."
+    )
+    precision: float | None = Field(None, description="(lowest failing − found) / lowest failing.")
+    target_precision: float
+    upper_bound_qps: float
+    upper_bound_from: str | None = None
+    lowest_failing_qps: float | None = None
+    probes: list[CapacityProbe] = Field(default_factory=list)
+    stopped_because: str = ""
+    plot: str | None = None
+
+
+class HistogramWindow(_Model):
+    """An engine histogram over LoadGen's measured window: its count, mean and bucket quantiles (s)."""
+
+    count: float
+    mean: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+
+
+class EngineWindow(_Model):
+    """The engine's own view over LoadGen's measured window (the warm-up left out): counter deltas,
+    histogram deltas and what the timeline showed, read from its /metrics."""
+
+    generation_tokens: float | None = None
+    prompt_tokens: float | None = None
+    requests: float | None = None
+    preemptions: float | None = None
+    histograms: dict[str, HistogramWindow] = Field(
+        default_factory=dict, description="ttft, itl, e2e, queue, prefill … in seconds."
+    )
+    waiting_share: float | None = Field(
+        None, description="Share of the window's samples with requests waiting in the engine queue."
+    )
+    kv_cache_peak: float | None = Field(None, description="Highest KV-cache usage seen (0–1).")
+
+
+class ConstraintCheck(_Model):
+    name: Literal["ttft", "tpot"]
+    observed_ms: float | None
+    limit_ms: float
+    percentile: float
+    margin: float | None
+
+
+class Diagnosis(_Model):
+    """Why a run (or a probe) was INVALID, from data already collected."""
+
+    verdict: str = Field(description="One line: what limited the run.")
+    next_step: str = Field(description="What to try next.")
+    constraints: list[ConstraintCheck] = Field(default_factory=list)
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
 class TelemetryResult(_Model):
     status: str | None = Field(None, description="'not started' when the collectors never ran.")
     collectors: dict[str, str] = Field(default_factory=dict, description="Collector → status or why not.")
@@ -144,9 +223,6 @@ class TelemetryResult(_Model):
         None, description="[start, end] of LoadGen's run, seconds since the test's t0 (timeline clock)."
     )
     energy_note: str | None = Field(None, description="Why gpu_energy_j is missing, when it is.")
-    engine_generation_tokens: float | None = Field(
-        None, description="The engine's own generated-token counter delta over the test."
-    )
 
 
 class AccuracyResult(_Model):
@@ -228,6 +304,9 @@ class BenchmarkResult(_Model):
     engine_alive: bool = True
     settings: dict[str, Any] = Field(default_factory=dict, description="LoadGen's effective settings.")
     rate: RateChoice | None = None
+    capacity: CapacityResult | None = None
+    engine: EngineWindow | None = None
+    diagnosis: Diagnosis | None = None
     client: ClientStats = Field(default_factory=ClientStats)
     telemetry: TelemetryResult = Field(default_factory=TelemetryResult)
     accuracy: AccuracyResult | None = None

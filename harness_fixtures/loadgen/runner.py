@@ -25,6 +25,7 @@ from ..client.fanout import FanoutClient
 from ..client.requestlog import RequestLogWriter
 from ..client.sizing import auto_workers, prewarm_connections
 from ..client.streaming import RequestRecord, StreamingClient
+from ..metrics.window import engine_window, fetch_metrics_text
 from .spec import RunSpec
 
 
@@ -60,7 +61,10 @@ def run(spec: RunSpec) -> int:
         print(f"error: LoadGen could not load user.conf {spec.user_conf!r} (code {rc})", file=sys.stderr)
         return 3
     settings.scenario = getattr(lg.TestScenario, spec.loadgen_scenario)
-    settings.mode = lg.TestMode.AccuracyOnly if spec.mode == "accuracy" else lg.TestMode.PerformanceOnly
+    settings.mode = {
+        "accuracy": lg.TestMode.AccuracyOnly,
+        "find_peak": lg.TestMode.FindPeakPerformance,
+    }.get(spec.mode, lg.TestMode.PerformanceOnly)
     settings.use_token_latencies = True
     _apply_overrides(settings, spec)
 
@@ -151,6 +155,13 @@ def run(spec: RunSpec) -> int:
             "error": w.error,
             "n_tokens": w.n_tokens,
             "latency_s": round((w.done_ns - w.sent_ns) / 1e9, 4),
+            # When it ran (seconds since t0, the timeline's clock) and how fast the idle engine answered.
+            "start_s": round((w.sent_ns - t0_ns) / 1e9, 6),
+            "end_s": round((w.done_ns - t0_ns) / 1e9, 6),
+            "ttft_s": round((w.first_token_ns - w.sent_ns) / 1e9, 4) if w.first_token_ns else None,
+            "tpot_s": round((w.done_ns - w.first_token_ns) / 1e9 / (w.n_tokens - 1), 5)
+            if w.first_token_ns and w.n_tokens > 1
+            else None,
         }
         print(f"warm-up request: {warmup}", flush=True)
         if spec.single_stream_latency_from_warmup and w.status == "ok":
@@ -183,10 +194,14 @@ def run(spec: RunSpec) -> int:
     log_settings = lg.LogSettings()
     log_settings.log_output = log_out
     log_settings.enable_trace = False
+    # The engine's counters right before and after LoadGen: its own view of exactly the measured run.
+    headers = {"Authorization": f"Bearer {key}"} if (key := spec.client.api_key()) else {}
+    before = fetch_metrics_text(spec.client.base_url, headers)
     cpu = CpuSampler().start()
     start_ns = time.monotonic_ns()
     lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
     end_ns = time.monotonic_ns()
+    after = fetch_metrics_text(spec.client.base_url, headers) if before is not None else None
     cpu_stats = cpu.stop()
     lg.DestroyQSL(qsl)
     lg.DestroySUT(sut)
@@ -204,6 +219,7 @@ def run(spec: RunSpec) -> int:
         "output_tokens": sum(r.n_tokens for r in ok),
         "first_error": client.first_error,
         "warmup": warmup,
+        "engine_window": engine_window(before, after).model_dump() if before and after else None,
         "consistency": consistency,
         "samples": n_samples,
         "workers": workers,

@@ -17,7 +17,8 @@ class RunSpec(BaseModel):
     user_conf: str
     loadgen_model: str
     loadgen_scenario: LoadGenScenario
-    mode: Literal["performance", "accuracy"] = "performance"
+    # find_peak: LoadGen's own FindPeakPerformance mode (Server), for tools/bench_capacity.py's comparison.
+    mode: Literal["performance", "accuracy", "find_peak"] = "performance"
     client: ClientSpec
     performance_sample_count: int | None = Field(None, description="QSL performance sample count.")
     target_qps: float | None = Field(

@@ -135,6 +135,17 @@ def parse_user_conf(path: Path) -> list[ConfEntry]:
             )
             continue
         entries.append(ConfEntry(model, scenario, key, rhs, n))
+    for e in entries:
+        # LoadGen reads the token latency limits only where use_token_latencies = 1 applies: without
+        # it, its 100 ms defaults stay, whatever the file says.
+        if (
+            e.key in ("ttft_latency", "tpot_latency")
+            and lookup(entries, e.model, e.scenario, "use_token_latencies") != "1"
+        ):
+            errors.append(
+                f"{path}:{e.line}: LoadGen ignores {e.key} unless use_token_latencies = 1 is set for "
+                f"{e.model}/{e.scenario}; add '{e.model}.*.use_token_latencies = 1'"
+            )
     if errors:
         raise UserConfError("\n".join(errors))
     return entries

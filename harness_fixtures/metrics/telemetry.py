@@ -16,8 +16,9 @@ from ..results import GpuTelemetry, GpuWatched, TelemetryResult
 from .base import CollectorSet
 from .host import HostCollector
 from .nvml import NvmlCollector
-from .plots import LatencyMarks
+from .plots import LatencyMarks, RunWindow
 from .prometheus import PrometheusCollector
+from .timeline import Sample
 
 log = logging.getLogger("harness_fixtures.metrics")
 
@@ -56,20 +57,24 @@ class RunTelemetry:
         if self.set is not None:
             self.set.stop()
 
+    def samples(self) -> list[Sample]:
+        return self.set.samples() if self.set is not None else []
+
     def finish(
         self,
         out_dir: Path,
         requests: list[Request],
         output_tokens: int,
         marks: LatencyMarks | None = None,
-        window_s: tuple[float, float] | None = None,
+        window: RunWindow | None = None,
     ) -> TelemetryResult:
         """Write timeline.csv and plots; return ``telemetry:`` of result.yaml.
 
         :param marks: the scenario's limits and LoadGen's percentiles for the latency CDFs (the same
             numbers result.yaml and the terminal show).
-        :param window_s: LoadGen's measured run (client.json ``loadgen_start_s``, ``loadgen_end_s``):
-            the span GPU energy is counted over, the span `output_tokens` were generated in.
+        :param window: the warm-up and LoadGen's measured window (client.json): shaded on every time
+            plot; GPU energy is counted over the measured window, the span `output_tokens` were
+            generated in.
         """
         if self.set is None:
             return TelemetryResult(status="not started")
@@ -79,13 +84,11 @@ class RunTelemetry:
             out.timeline = str(out_dir / "timeline.csv")
         except Exception as exc:
             out.timeline_error = f"{type(exc).__name__}: {exc}"
-        self._gpu_energy(out, output_tokens, window_s)
-        # The engine's own count of generated tokens over the run (warm-up request included).
-        out.engine_generation_tokens = self.engine.delta("generation_tokens")
+        self._gpu_energy(out, output_tokens, window.loadgen if window is not None else None)
         try:
             from .plots import write_plots
 
-            paths = write_plots(out_dir / "plots", self.set.samples(), requests, marks)
+            paths = write_plots(out_dir / "plots", self.set.samples(), requests, marks, window)
             out.plots = [str(p) for p in paths]
         except Exception as exc:
             log.warning("plots failed: %s", traceback.format_exc(limit=3))

@@ -168,6 +168,7 @@ class Simulator:
         self.version = f"sim-{package_version()}"
         self.responses = load_responses(settings.responses_file) if settings.responses_file else None
         self.rng = random.Random(settings.seed)
+        self.jitter_rng = random.Random(settings.seed + 1)  # its own stream: faults stay where they were
         self.records: deque[ServedRequest] = deque(maxlen=settings.records_max)
         self.generation_requests = 0
         self.clock = _TokenClock()
@@ -400,6 +401,7 @@ class _StreamJob:
         tokens: list[int],
         finish: str,
         first_due: float,
+        itl_s: float,
         *,
         chat: bool,
         include_usage: bool,
@@ -410,7 +412,7 @@ class _StreamJob:
     ) -> None:
         s = sim.settings
         self.sim, self.rec, self.transport, self.chunked = sim, rec, transport, chunked
-        self.finish, self.first_due, self.itl_s = finish, first_due, s.itl_ms / 1000.0
+        self.finish, self.first_due, self.itl_s = finish, first_due, itl_s
         self.chat, self.include_usage, self.return_token_ids = chat, include_usage, return_token_ids
         self.malformed, self.truncate = malformed, truncate
         self.n, self.k, self.prev_ns, self.prompt_len = len(tokens), 0, 0, len(prompt_ids)
@@ -541,6 +543,7 @@ async def _respond(
     tokens: list[int],
     finish: str,
     first_due: float,
+    itl_s: float,
     headers: dict[str, str],
     *,
     chat: bool,
@@ -550,9 +553,8 @@ async def _respond(
     truncate: bool,
 ) -> web.StreamResponse:
     """A non-streaming answer: sent whole once its last token is due."""
-    s = sim.settings
     n = len(tokens)
-    for due in (first_due, first_due + max(n - 1, 0) * s.itl_ms / 1000.0):
+    for due in (first_due, first_due + max(n - 1, 0) * itl_s):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -627,7 +629,7 @@ async def _respond(
     sim.generation_tokens_total += n
     if n:
         rec.first_token_id = tokens[0]
-        sim.itl.observe(s.itl_ms / 1000.0, n - 1)
+        sim.itl.observe(itl_s, n - 1)
     rec.last_token_ns = time.monotonic_ns()  # before the send, as for streams
     if truncate:
         cut = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
@@ -851,7 +853,11 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
         rec.status = "running"
         sim.active.add(rec)
         sim.prompt_tokens_total += prompt_len
-        first_due = admitted_mono + (s.ttft_base_ms + s.ttft_per_prompt_token_ms * prompt_len) / 1000.0
+        factor = sim.jitter_rng.lognormvariate(0.0, s.latency_jitter) if s.latency_jitter else 1.0
+        ttft_ms = s.ttft_base_ms + s.ttft_per_prompt_token_ms * prompt_len
+        first_due = admitted_mono + ttft_ms * factor / 1000.0
+        # A fuller batch decodes slower: the requests running beside this one set its pace.
+        itl_s = (s.itl_ms + s.itl_per_running_ms * (sim.running - 1)) * factor / 1000.0
         if resp is None:
             return await _respond(
                 sim,
@@ -860,6 +866,7 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
                 tokens,
                 finish,
                 first_due,
+                itl_s,
                 headers,
                 chat=chat,
                 return_token_ids=return_token_ids,
@@ -875,6 +882,7 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
             tokens,
             finish,
             first_due,
+            itl_s,
             chat=chat,
             include_usage=include_usage,
             return_token_ids=return_token_ids,

@@ -24,6 +24,19 @@ class SimSettings(BaseModel):
         0.0, ge=0, description="Extra time to first token per prompt token (prefill cost), in ms."
     )
     itl_ms: float = Field(5.0, ge=0, description="Time between successive output tokens, in ms.")
+    itl_per_running_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Extra inter-token latency per other request running when this one is admitted, in "
+        "ms: a batch that decodes slower as it fills, so TPOT grows with load as on a real engine.",
+    )
+    latency_jitter: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="Sigma of a lognormal factor (median 1) drawn per request and applied to its TTFT "
+        "and ITL: run-to-run noise; 0 = deterministic.",
+    )
     max_batch: int = Field(
         256, ge=1, description="Requests generating at once; later ones wait in a FIFO queue."
     )

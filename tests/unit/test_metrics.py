@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -598,6 +599,53 @@ def test_plots_written_against_time(tmp_path: Path) -> None:
     for p in paths:
         assert p.stat().st_size > 20_000, p
         assert _png_size(p) == (1200, 800)
+
+
+def test_time_figures_mark_the_warmup_and_the_loadgen_window() -> None:
+    from harness_fixtures.metrics.plots import RunWindow, build_figures
+
+    samples, requests = _synthetic_run()
+    window = RunWindow.of(
+        {"warmup": {"start_s": 0.5, "end_s": 1.0}, "loadgen_start_s": 1.2, "loadgen_end_s": 14.0}
+    )
+    figs = build_figures(samples, requests, window=window)
+    for stem in ("client", "engine", "host", "gpu"):
+        for ax in figs[stem].axes:
+            spans = [_xspan(p) for p in ax.patches]
+            assert (0.5, 1.0) in spans and (1.2, 14.0) in spans, (stem, ax.get_title(), spans)
+        labels = figs[stem].axes[0].get_legend_handles_labels()[1]
+        assert "warm-up" in labels and "LoadGen measured window" in labels, (stem, labels)
+    # The CDF has no time axis: nothing to shade.
+    assert not any(ax.patches for ax in figs["latency_cdf"].axes)
+    # Without a window nothing is shaded.
+    assert not any(ax.patches for ax in build_figures(samples, requests)["engine"].axes)
+
+
+def _xspan(patch: Any) -> tuple[float, float]:
+    """(start, end) along x of an axvspan patch (a Rectangle in recent matplotlib, a Polygon before)."""
+    from matplotlib.patches import Rectangle
+
+    if isinstance(patch, Rectangle):
+        return round(patch.get_x(), 3), round(patch.get_x() + patch.get_width(), 3)
+    xs = [float(x) for x, _ in patch.get_xy()]
+    return round(min(xs), 3), round(max(xs), 3)
+
+
+def test_capacity_plot_shows_each_probe_against_the_limit(tmp_path: Path) -> None:
+    from harness_fixtures.loadgen.capacity import Limits
+    from harness_fixtures.metrics.plots import write_capacity_plot
+    from harness_fixtures.results import CapacityProbe, CapacityResult
+
+    probes = [
+        CapacityProbe(qps=q, percentile=0.93, ttft_margin=m, tpot_margin=0.2, verdict=v, duration_s=1.0)
+        for q, m, v in ((5.0, 0.6, "pass"), (8.0, 1.3, "fail"), (6.5, 0.95, "pass"), (7.2, 1.05, "fail"))
+    ]
+    cap = CapacityResult(found_qps=6.5, target_precision=0.05, upper_bound_qps=10.0, probes=probes)
+    path = write_capacity_plot(
+        tmp_path / "capacity.png", cap, Limits(ttft_ms=100.0, tpot_ms=50.0, percentile=0.9)
+    )
+    assert path is not None and _png_size(Path(path)) == (1200, 800)
+    assert write_capacity_plot(tmp_path / "x.png", cap, object()) is None  # a bad input never raises
 
 
 def test_plots_skip_absent_data(tmp_path: Path) -> None:

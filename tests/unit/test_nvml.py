@@ -30,6 +30,7 @@ from harness_fixtures.metrics.nvml import (
     integrate,
     select_gpus,
 )
+from harness_fixtures.metrics.plots import RunWindow
 from harness_fixtures.metrics.telemetry import RunTelemetry
 
 
@@ -261,7 +262,7 @@ def test_j_per_token_counts_only_loadgens_window_and_the_engines_gpus(
     fake.gpus[1].set(power_w=100.0)
     time.sleep(0.25)
     tel.stop()
-    out = tel.finish(tmp_path, [], 600, None, (start, end))
+    out = tel.finish(tmp_path, [], 600, None, RunWindow(loadgen=(start, end)))
     expected = 300.0 * (end - start)
     # Linear interpolation between 0.1-s samples smears each power step over at most one interval:
     # within 200 W x 0.1 s. Counting the whole run (~170 J) or the other GPU (+~225 J) is far outside.
@@ -282,11 +283,11 @@ def test_energy_from_power_without_a_counter_and_none_without_a_window(
     tel.start(t0, os.getpid())
     time.sleep(0.35)
     tel.stop()
-    joined = tel.finish(tmp_path, [], 10, None, (0.1, 0.3))
+    joined = tel.finish(tmp_path, [], 10, None, RunWindow(loadgen=(0.1, 0.3)))
     assert joined.gpu_energy_j == pytest.approx(200.0 * 0.2, rel=1e-6)
     assert joined.gpu is not None and joined.gpu.watched[0].energy_source == "power_integral"
     unknown = tel.finish(tmp_path, [], 10, None, None)
     assert unknown.gpu_energy_j is None and unknown.energy_j_per_output_token is None
     assert unknown.energy_note is not None and "window is unknown" in unknown.energy_note
-    outside = tel.finish(tmp_path, [], 10, None, (0.1, 99.0))
+    outside = tel.finish(tmp_path, [], 10, None, RunWindow(loadgen=(0.1, 99.0)))
     assert outside.gpu_energy_j is None and "do not cover the window" in (outside.energy_note or "")

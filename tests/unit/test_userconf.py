@@ -97,3 +97,20 @@ MISREAD: list[tuple[str, str, dict[str, Any]]] = [
     ("m.Server.min_query_count = 700 #", "comment after the value", {"rc": -22}),
     ("m.Server.target_qps = -3", "must be a number >= 0", {"rc": 0, "value": -3.0}),
 ]
+
+
+def test_token_latency_limits_without_use_token_latencies_are_rejected(tmp_path: Path) -> None:
+    # LoadGen keeps its 100 ms defaults for these unless use_token_latencies = 1 applies (checked by
+    # running LoadGen: tests/e2e/test_userconf_loadgen.py).
+    message = errors_of(write(tmp_path, "m.Server.ttft_latency = 2000\nm.Server.tpot_latency = 200\n"))
+    assert "user.conf:1: LoadGen ignores ttft_latency unless use_token_latencies = 1" in message
+    assert (
+        "user.conf:2: LoadGen ignores tpot_latency" in message and "'m.*.use_token_latencies = 1'" in message
+    )
+    for enable in (
+        "m.*.use_token_latencies = 1",
+        "*.Server.use_token_latencies = 1",
+        "m.Server.use_token_latencies = 1",
+    ):
+        ok = parse_user_conf(write(tmp_path, f"{enable}\nm.Server.ttft_latency = 2000\n"))
+        assert [e.key for e in ok] == ["use_token_latencies", "ttft_latency"]

@@ -1,0 +1,67 @@
+"""The engine's own counters and histograms over LoadGen's measured window.
+
+The runner reads the engine's /metrics right before LoadGen starts (after the warm-up request and the
+connection prewarm) and right after it returns; the difference is what the engine did for exactly the
+queries LoadGen measured. The periodic collector scrapes once a second and cannot separate the
+warm-up from the run that way. Gauges over the window (queue, KV cache) come from the timeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..results import EngineWindow, HistogramWindow
+from .prometheus import ScrapeState, metrics_url
+from .timeline import Sample
+
+# Canonical histograms reported over the window (names of harness_fixtures.metrics.prometheus).
+WINDOW_HISTOGRAMS = ("ttft_s", "itl_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s")
+
+
+def fetch_metrics_text(base_url: str, headers: dict[str, str], timeout_s: float = 5.0) -> str | None:
+    """The engine's /metrics text, or None when it cannot be read (never raises: a window without
+    engine numbers is still a valid run)."""
+    import requests
+
+    try:
+        resp = requests.get(metrics_url(base_url), headers=headers, timeout=timeout_s)
+    except requests.RequestException:
+        return None
+    return resp.text if resp.status_code == 200 else None
+
+
+def engine_window(before: str, after: str) -> EngineWindow:
+    """Counter and histogram deltas between two /metrics texts."""
+    state = ScrapeState()
+    state.update(before, 0.0)  # the baseline
+    state.update(after, 1.0)
+    hists = {}
+    for name in WINDOW_HISTOGRAMS:
+        h = state.histogram_summary(name)
+        if h:
+            hists[name.removesuffix("_s")] = HistogramWindow(
+                count=h["count"], mean=h.get("mean"), p50=h.get("p50"), p99=h.get("p99")
+            )
+    return EngineWindow(
+        generation_tokens=state.delta("generation_tokens"),
+        prompt_tokens=state.delta("prompt_tokens"),
+        requests=state.delta("request_success"),
+        preemptions=state.delta("preemptions"),
+        histograms=hists,
+    )
+
+
+def gauges_over(
+    window: EngineWindow, samples: Sequence[Sample], start_s: float, end_s: float
+) -> EngineWindow:
+    """Add what the engine's gauges showed inside [start_s, end_s]: the share of samples with requests
+    waiting in its queue and the KV-cache peak."""
+    inside = [s for s in samples if s.source == "engine" and start_s <= s.t_s <= end_s]
+    waiting = [s.value for s in inside if s.series == "waiting"]
+    kv = [s.value for s in inside if s.series == "kv_cache_usage"]
+    return window.model_copy(
+        update={
+            "waiting_share": round(sum(v > 0 for v in waiting) / len(waiting), 4) if waiting else None,
+            "kv_cache_peak": max(kv) if kv else None,
+        }
+    )
