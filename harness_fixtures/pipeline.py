@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .accuracy.run import AccuracyRunError, score_run
+from .client.httpconfig import HttpConfig
+from .client.payload import PROFILES, PayloadError, RequestProfile, token_source
 from .client.requestlog import client_stats, read_requests
 from .config import BenchmarkCase, PlannedRun
 from .dataset import Dataset, DatasetError, load_dataset
@@ -109,6 +111,13 @@ class Suite:
     # sizes the model's Server/Interactive load. A model's tests share one xdist worker.
     offline_measured: dict[str, tuple[float, str]] = field(default_factory=dict)
     _user_confs: dict[Path, list[ConfEntry]] = field(default_factory=dict)
+    http: HttpConfig | None = None  # the session's one HTTP configuration (built from options if unset)
+
+    def http_config(self) -> HttpConfig:
+        """Headers, proxies and TLS for every request of the session (stream, health, /metrics)."""
+        if self.http is None:
+            self.http = HttpConfig.from_options(self.options)
+        return self.http
 
     def secrets(self) -> list[str]:
         key = self.options.api_key()
@@ -183,6 +192,7 @@ class _TestRun:
         self.started = time.time()
         self.endpoint: Endpoint | None = None
         self.spec: RunSpec | None = None
+        self.child_env: dict[str, str] = {}  # credentials for the LoadGen child (never in run_spec.json)
 
     # -- the steps -------------------------------------------------------------------------------
     def execute(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
@@ -195,10 +205,18 @@ class _TestRun:
             dataset = load_dataset(self.case.dataset, dataset_path)  # before any engine starts
         except DatasetError as exc:
             return self._error(str(exc), skippable=True)
+        problem = self._token_count_problem(
+            PROFILES.get(self.case.engine.request_profile or self.case.engine.kind)
+        )
+        if problem:
+            return self._error(problem)  # knowable from the case: before any engine starts
         try:
             self.endpoint = get_endpoint()
         except EngineError as exc:
             return self._error(str(exc))
+        problem = self._token_count_problem(self.endpoint.request_profile)
+        if problem:
+            return self._error(problem)
         log.info("running %s against %s (%s)", self.p.test_id, self.endpoint.base_url, self.endpoint.kind)
         try:
             rate = self._size_rate(entries, user_conf, dataset_path)
@@ -239,6 +257,22 @@ class _TestRun:
         accuracy = self._score(dataset, result) if self.p.mode == "accuracy" else None
         return self._finish(result.model_copy(update={"accuracy": accuracy}))
 
+    def _token_count_problem(self, profile: RequestProfile | None) -> str | None:
+        """Why this case's tokens cannot be counted as asked with this server, or None."""
+        if profile is None:
+            return None
+        try:
+            source = token_source(profile, self.case.generation)
+        except PayloadError as exc:
+            return f"{self.case.source}: {exc}"
+        if source == "usage" and self.p.mode == "accuracy":
+            return (
+                f"{self.case.source}: accuracy needs the output token ids, and {profile.name}'s "
+                f"{self.case.generation.api} stream has none (tokens would be counted from usage); use "
+                "generation.api: completions for accuracy runs"
+            )
+        return None
+
     def _size_rate(self, entries: list[ConfEntry], user_conf: Path, dataset_path: Path) -> RateChoice | None:
         """The rate of this run: the user's, or derived from a measurement on this machine."""
         if self.p.mode == "accuracy":
@@ -278,7 +312,7 @@ class _TestRun:
                 "single_stream_latency_from_warmup": False,
             }
         )
-        child = run_child(spec, self.endpoint)
+        child = run_child(spec, self.endpoint, env=self.child_env)
         probe = self._measure(spec, child)
         if probe.samples_per_s is None or probe.queries.failed or probe.status not in FINISHED:
             raise _SizingFailed(
@@ -295,6 +329,9 @@ class _TestRun:
 
         assert self.endpoint is not None
         o = self.opts
+        server = self.endpoint.server_url()
+        # The same headers, proxies and TLS as this process; a URL's user:password goes by environment.
+        http_settings, self.child_env = self.suite.http_config().for_child(server)
         target = o.target_qps
         if (
             rate is not None
@@ -310,14 +347,17 @@ class _TestRun:
             loadgen_scenario=self.p.loadgen_scenario,
             mode=self.p.mode,
             client=ClientSpec(
-                base_url=self.endpoint.base_url,
+                base_url=server.display,
                 served_model=self.endpoint.served_model,
                 generation=self.case.generation,
                 dataset=self.case.dataset,
                 dataset_path=str(dataset_path),
                 sample_count=o.sample_count,
                 request_timeout_s=o.request_timeout_s,
-                api_key_env=o.api_key_env,
+                idle_timeout_s=o.stream_idle_timeout_s,
+                max_connections=o.max_connections,
+                http=http_settings,
+                request_profile=self.endpoint.request_profile,
             ),
             performance_sample_count=self.case.dataset.performance_sample_count,
             target_qps=target,
@@ -340,7 +380,10 @@ class _TestRun:
         self.spec = spec = spec.model_copy(update={"t0_monotonic_ns": time.monotonic_ns()})
         assert spec.t0_monotonic_ns is not None
         t0_ns = spec.t0_monotonic_ns
-        telemetry = RunTelemetry(self.endpoint.base_url, self.endpoint.headers)
+        http = self.suite.http_config()
+        telemetry = RunTelemetry(
+            self.endpoint.base_url, http.headers_for(self.endpoint.server_url()), http=http
+        )
         n = min(len(dataset), spec.client.sample_count or len(dataset))
         expected = (
             n
@@ -357,7 +400,13 @@ class _TestRun:
         )
         try:
             with self.events.live(self.p.test_id, self.test_dir / "requests.jsonl", expected) as tick:
-                child = run_child(spec, self.endpoint, lambda pid: self._started(telemetry, t0_ns, pid), tick)
+                child = run_child(
+                    spec,
+                    self.endpoint,
+                    lambda pid: self._started(telemetry, t0_ns, pid),
+                    tick,
+                    env=self.child_env,
+                )
         except KeyboardInterrupt:
             telemetry.stop()
             stopped = ChildOutcome(

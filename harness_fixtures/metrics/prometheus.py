@@ -13,7 +13,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+from ..client.http import HttpError
+from ..client.httpconfig import HttpConfig, ServerUrl
 from .base import BaseCollector
 
 __all__ = [
@@ -71,13 +74,12 @@ _MEAN_GAUGES = frozenset({"kv_cache_usage"})
 
 
 def metrics_url(url: str) -> str:
-    """`{base}/metrics` for a server base URL; an OpenAI-style `/v1` suffix is dropped."""
+    """`{base}/metrics` for a server base URL (its path prefix and query kept, an OpenAI-style `/v1`
+    dropped, as for every request: client.httpconfig.ServerUrl); a /metrics URL is kept as it is."""
     u = url.rstrip("/")
-    if u.endswith("/metrics"):
+    if urlsplit(u).path.endswith("/metrics"):
         return u
-    if u.endswith("/v1"):
-        u = u[: -len("/v1")]
-    return u + "/metrics"
+    return ServerUrl.parse(u).url("/metrics")
 
 
 def _strip_total(name: str) -> str:
@@ -279,6 +281,8 @@ class PrometheusCollector(BaseCollector):
     :param names: canonical -> engine names; defaults to `DEFAULT_NAMES`. Use `extra_names` to add.
     :param extra_names: additional engine names per canonical name, tried before the defaults.
     :param name: source name in the timeline.
+    :param http: the session's HTTP configuration (proxies, TLS): the streaming client's; default: the
+        environment's proxies and the system's CAs.
     """
 
     def __init__(
@@ -292,6 +296,7 @@ class PrometheusCollector(BaseCollector):
         extra_names: Mapping[str, Sequence[str]] | None = None,
         name: str = "engine",
         stop_timeout_s: float | None = None,
+        http: HttpConfig | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -307,31 +312,24 @@ class PrometheusCollector(BaseCollector):
         self.state = ScrapeState(table)
         self.n_ok = 0
         self._only_connection_errors = True
-        self._session: Any = None
+        self._http = http
 
     def _setup(self) -> str | None:
-        import requests
-
-        self._session = requests.Session()
-        self._session.headers.update(self.headers)
+        if self._http is None:
+            self._http = HttpConfig.build()
         return None
 
-    def _teardown(self) -> None:
-        if self._session is not None:
-            self._session.close()
-
     def _sample(self) -> Iterable[tuple[str, float]]:
-        import requests
-
+        assert self._http is not None
         t_before = self._now_s()
         try:
-            resp = self._session.get(self.url, timeout=self.timeout_s)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise ConnectionError(f"cannot scrape {self.url}: {type(exc).__name__}") from exc
+            resp = self._http.fetch(self.url, self.headers, self.timeout_s)
+        except HttpError as exc:
+            raise ConnectionError(f"cannot scrape {self.url}: {exc}") from exc
         t = (t_before + self._now_s()) / 2.0
-        if resp.status_code != 200:
+        if resp.status != 200:
             self._only_connection_errors = False
-            raise RuntimeError(f"HTTP {resp.status_code} from {self.url}")
+            raise RuntimeError(f"HTTP {resp.status} from {self.url}")
         try:
             pairs = self.state.update(resp.text, t)
         except Exception:

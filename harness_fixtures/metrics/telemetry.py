@@ -10,6 +10,7 @@ import logging
 import traceback
 from pathlib import Path
 
+from ..client.httpconfig import HttpConfig
 from ..client.requestlog import Request
 from ..results import TelemetryResult
 from .base import CollectorSet
@@ -24,8 +25,14 @@ log = logging.getLogger("harness_fixtures.metrics")
 class RunTelemetry:
     """Collectors for one run. ``start`` with the run's t0 (monotonic ns) and the client's pid."""
 
-    def __init__(self, base_url: str, headers: dict[str, str] | None, interval_s: float = 1.0) -> None:
-        self.engine = PrometheusCollector(base_url, interval_s=interval_s, headers=headers)
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str] | None,
+        interval_s: float = 1.0,
+        http: HttpConfig | None = None,
+    ) -> None:
+        self.engine = PrometheusCollector(base_url, interval_s=interval_s, headers=headers, http=http)
         self.gpu = NvmlCollector(interval_s=interval_s)
         self.host: HostCollector | None = None
         self.interval_s = interval_s
