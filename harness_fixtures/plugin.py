@@ -202,6 +202,7 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
     finally:
         manager.stop()
         signal.signal(signal.SIGTERM, previous)
+        pytestconfig.stash[STATE].suite.http_config().close()
 
 
 def _install_sigterm() -> Any:

@@ -9,3 +9,10 @@ class HttpError(Exception):
 
 class RequestTimeout(HttpError):
     """The request's deadline (or its idle timeout) passed before the response ended."""
+
+
+class CertificateError(HttpError):
+    """The server's TLS certificate is not trusted (or not for this name): asking again cannot help."""
+
+
+CA_FIX = "pass the CA that signed it with --harness-ca-bundle (or SSL_CERT_FILE / REQUESTS_CA_BUNDLE)"

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from .errors import HttpError, RequestTimeout
+from .errors import CA_FIX, CertificateError, HttpError, RequestTimeout
 from .httpconfig import HttpConfig, HttpConfigError, Proxy, ServerUrl
 
 __all__ = ["ConnectionPool", "HttpError", "RequestTimeout", "Response"]
@@ -511,9 +511,9 @@ class ConnectionPool:
                 f"timeout connecting to {self.where} after {self.connect_timeout_s:g} s"
             ) from None
         except ssl.SSLCertVerificationError as exc:
-            raise HttpError(
-                f"TLS certificate of {self.url.host_header} not trusted: {exc.verify_message or exc}; pass "
-                "the CA that signed it with --harness-ca-bundle (or SSL_CERT_FILE / REQUESTS_CA_BUNDLE)"
+            reason = exc.verify_message or exc
+            raise CertificateError(
+                f"TLS certificate of {self.url.host_header} not trusted: {reason}; {CA_FIX}"
             ) from None
         except ssl.SSLError as exc:
             raise HttpError(f"TLS handshake with {self.where} failed: {exc.reason or exc}") from None

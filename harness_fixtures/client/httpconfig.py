@@ -33,7 +33,7 @@ from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..options import OptionError
-from .errors import HttpError
+from .errors import CA_FIX, CertificateError, HttpError
 
 if TYPE_CHECKING:
     from ..options import HarnessOptions
@@ -593,6 +593,12 @@ class HttpConfig:
                 redirect=False,
             )
         except urllib3.exceptions.HTTPError as exc:
+            cert = _cert_error(exc)
+            if cert is not None:
+                raise CertificateError(
+                    f"GET {full_url}: TLS certificate of {u.hostname} not trusted: "
+                    f"{cert.verify_message or cert}; {CA_FIX}"
+                ) from None
             raise HttpError(f"GET {full_url}: {_urllib3_reason(exc)}") from None
         return HttpReply(resp.status, resp.data, {k.lower(): v for k, v in resp.headers.items()})
 
@@ -612,7 +618,14 @@ class HttpConfig:
                 self._managers[proxy] = manager
             return manager
 
+    def __enter__(self) -> HttpConfig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close the kept-alive connections of :meth:`get` (the configuration stays usable)."""
         with self._lock:
             for manager in self._managers.values():
                 manager.clear()
@@ -621,6 +634,18 @@ class HttpConfig:
 
 def _ssl_reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def _cert_error(exc: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure inside a urllib3 error, if that is what it was."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return exc
+        nxt = getattr(exc, "reason", None)
+        exc = nxt if isinstance(nxt, BaseException) else exc.__context__
+        seen += 1
+    return None
 
 
 def _urllib3_reason(exc: BaseException) -> str:

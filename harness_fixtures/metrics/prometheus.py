@@ -313,11 +313,16 @@ class PrometheusCollector(BaseCollector):
         self.n_ok = 0
         self._only_connection_errors = True
         self._http = http
+        self._own_http: HttpConfig | None = None
 
     def _setup(self) -> str | None:
         if self._http is None:
-            self._http = HttpConfig.build()
+            self._http = self._own_http = HttpConfig.build()
         return None
+
+    def _teardown(self) -> None:
+        if self._own_http is not None:
+            self._own_http.close()  # the connections of a configuration made here
 
     def _sample(self) -> Iterable[tuple[str, float]]:
         assert self._http is not None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..client.http import HttpError
+from ..client.errors import CertificateError, HttpError
 from ..client.httpconfig import HttpConfig, HttpConfigError, HttpSettings, ServerUrl, check_header_value
 from ..client.payload import VLLM, RequestProfile
 from .process import LOG_TAIL_LINES, log_tail
@@ -129,6 +129,8 @@ def wait_healthy(
                     stage = "/v1/models"
                     continue
                 last = f"{url.url('/health')} answered HTTP {r.status}{_auth_hint(r.status)}"
+                if r.status in _DEFINITIVE:
+                    raise EngineError(f"engine not usable: {last}")
             else:
                 r = config.get(url, "/v1/models", timeout_s=5)
                 if r.status == 200:
@@ -145,6 +147,10 @@ def wait_healthy(
                         "engine.served_model_name in the model YAML"
                     )
                 last = f"{url.url('/v1/models')} answered HTTP {r.status}{_auth_hint(r.status)}"
+                if r.status in _DEFINITIVE:
+                    raise EngineError(f"engine not usable: {last}")
+        except CertificateError as exc:
+            raise EngineError(str(exc)) from None  # a certificate does not become trusted by waiting
         except HttpError as exc:
             last = str(exc)
         except HttpConfigError as exc:
@@ -155,6 +161,10 @@ def wait_healthy(
                 f"if it is just slow; last log lines ({log_path}):\n{log_tail(log_path)}"
             )
         time.sleep(0.25)
+
+
+# Answers that waiting cannot change: wrong or missing credentials (server or proxy).
+_DEFINITIVE = (401, 403, 407)
 
 
 def _auth_hint(status: int) -> str:
