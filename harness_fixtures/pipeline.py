@@ -121,7 +121,7 @@ class Suite:
 
     def secrets(self) -> list[str]:
         key = self.options.api_key()
-        return [key] if key else []
+        return ([key] if key else []) + self.http_config().secret_values()
 
     def user_conf(self, case: BenchmarkCase) -> tuple[Path, list[ConfEntry]]:
         """The case's user.conf (its own, else the suite's), parsed once per session.

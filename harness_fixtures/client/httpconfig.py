@@ -473,6 +473,14 @@ class HttpConfig:
             headers["Authorization"] = basic
         return headers
 
+    def secret_values(self) -> list[str]:
+        """Header values read from the environment (API key, ``env:`` headers): never to be written."""
+        sources = dict(self.settings.headers)
+        out = [v for n, v in self._headers.items() if sources.get(n, "").startswith(ENV_PREFIX)]
+        if self.settings.api_key_env and "Authorization" in self._headers:
+            out.append(self._headers["Authorization"].removeprefix("Bearer "))
+        return out
+
     def for_child(self, url: ServerUrl) -> tuple[HttpSettings, dict[str, str]]:
         """Settings and extra environment for a process that must send exactly what this one sends.
 

@@ -56,8 +56,9 @@ def prewarm_connections(
     return max(1, min(want, max_connections))
 
 
-# Descriptors a client process needs besides its connections: LoadGen's logs, requests.jsonl, pipes
-# to workers, the event loop's own, Python's imports; measured at ~40 in a runner, doubled for room.
+# Descriptors a client process needs besides its connections (LoadGen's logs, requests.jsonl, pipes,
+# the event loop's epoll and wake-up fds): 18 at most in a runner during a simulator Offline run
+# (docs/http.md); 100 leaves room for fan-out pipes and libraries.
 FD_HEADROOM = 100
 
 

@@ -45,7 +45,8 @@ class ProcessLauncher:
                 proc = start_process(argv, self.build_env(ctx), log_path)
             except ProcessStartError as exc:
                 raise EngineError(str(exc)) from None
-            base_url = f"http://{'127.0.0.1' if spec.host in ('0.0.0.0', '') else spec.host}:{port}"
+            host = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host
+            base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"  # IPv6 needs brackets
             http = ctx.http_config()
             ep = Endpoint(
                 self.kind,

@@ -366,3 +366,10 @@ def test_loopback_is_never_proxied(monkeypatch: pytest.MonkeyPatch) -> None:
             wait_healthy(None, server.url(), "m", None, 5, cfg)
     finally:
         server.stop()
+
+
+def test_secret_values_are_the_ones_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("K", "api-k")
+    monkeypatch.setenv("T", "tenant-k")
+    cfg = HttpConfig.from_options(options(api_key_env="K", headers=("X-Key=env:T", "X-Plain=visible")))
+    assert sorted(cfg.secret_values()) == ["api-k", "tenant-k"]
