@@ -401,10 +401,17 @@ class HttpConfig:
 
     @classmethod
     def build(
-        cls, settings: HttpSettings | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        settings: HttpSettings | None = None,
+        environ: Mapping[str, str] | None = None,
+        *,
+        check_environment: bool = True,
     ) -> HttpConfig:
         """Resolve and check every value; also loads the TLS files when any are set.
 
+        :param check_environment: also check what only the environment set (proxy URLs, a CA bundle
+            from SSL_CERT_FILE / REQUESTS_CA_BUNDLE) now; False leaves that to the first request, so
+            a pytest run that uses no benchmark never fails on its environment (the plugin is inert).
         :raises HttpConfigError: naming the option or variable, what is wrong and the fix.
         """
         s = settings or HttpSettings()
@@ -446,14 +453,23 @@ class HttpConfig:
                 )
             headers["Authorization"] = f"Bearer {key}"
         config = cls(s, headers, env)
-        if s.ca_bundle or s.client_cert:
+        explicit_tls = s.client_cert or s.ca_bundle_source == "--harness-ca-bundle"
+        if explicit_tls or (check_environment and s.ca_bundle):
             config.ssl_context()  # a missing or unreadable PEM fails here, not at the first https request
-        config.proxies()  # a proxy URL that cannot be used fails here too
+        if check_environment:
+            config.proxies()  # a proxy URL that cannot be used fails here too
         return config
 
     @classmethod
-    def from_options(cls, options: HarnessOptions, environ: Mapping[str, str] | None = None) -> HttpConfig:
-        return cls.build(HttpSettings.from_options(options, environ), environ)
+    def from_options(
+        cls,
+        options: HarnessOptions,
+        environ: Mapping[str, str] | None = None,
+        *,
+        check_environment: bool = True,
+    ) -> HttpConfig:
+        settings = HttpSettings.from_options(options, environ)
+        return cls.build(settings, environ, check_environment=check_environment)
 
     # -- what each request carries ---------------------------------------------------------------
     def headers_for(self, url: ServerUrl) -> dict[str, str]:

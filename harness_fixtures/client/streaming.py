@@ -75,7 +75,8 @@ class StreamingClient:
     ) -> None:
         self.spec = spec
         self.url = ServerUrl.parse(spec.base_url)
-        self.http = http or HttpConfig.build(spec.http)
+        # The environment's proxies and CA variables are checked when a request needs them.
+        self.http = http or HttpConfig.build(spec.http, check_environment=False)
         self.http.headers_for(self.url)  # a credential conflict fails here, not in the loop thread
         self.token_source = spec.token_source
         self._prompts = prompts

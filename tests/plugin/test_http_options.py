@@ -73,3 +73,13 @@ def test_bad_http_options_are_usage_errors(
         "X-Api-Key=literal-secret", ""
     )
     assert not list(harness_project.path.rglob("engine.log"))
+
+
+def test_a_broken_proxy_variable_does_not_touch_other_pytest_runs(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plugin loads into every pytest run of the environment: it must stay inert there."""
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://proxy.example:1080")
+    monkeypatch.setenv("SSL_CERT_FILE", "/no/such/ca.pem")
+    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -373,3 +373,15 @@ def test_secret_values_are_the_ones_from_the_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("T", "tenant-k")
     cfg = HttpConfig.from_options(options(api_key_env="K", headers=("X-Key=env:T", "X-Plain=visible")))
     assert sorted(cfg.secret_values()) == ["api-k", "tenant-k"]
+
+
+def test_environment_problems_wait_for_a_request_that_needs_them() -> None:
+    """A broken proxy variable must not fail a pytest run that benchmarks nothing, nor a request to a
+    loopback engine; it fails the first request that would use it, naming the variable."""
+    env = {"HTTPS_PROXY": "socks5://p:1080", "SSL_CERT_FILE": "/no/such/ca.pem"}
+    cfg = HttpConfig.build(HttpSettings.from_options(options(), env), env, check_environment=False)
+    assert cfg.proxy_for(ServerUrl.parse("https://127.0.0.1:8000")) is None
+    with pytest.raises(HttpConfigError, match="HTTPS_PROXY="):
+        cfg.proxy_for(ServerUrl.parse("https://api.example"))
+    with pytest.raises(HttpConfigError, match="SSL_CERT_FILE"):
+        cfg.ssl_context()
