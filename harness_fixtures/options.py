@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Kind = Literal["str", "path", "float", "int", "bool", "workers", "rate"]
+Kind = Literal["str", "path", "float", "int", "bool", "workers", "rate", "list"]
 
 
 class OptionError(ValueError):
@@ -50,6 +50,20 @@ OPTIONS: tuple[Option, ...] = (
         "str",
         "Name of the env var holding a bearer token to send (its value is never written).",
     ),
+    Option(
+        "header",
+        "list",
+        "Extra request header NAME=VALUE on every request (stream, health check, /metrics); repeatable "
+        "(ini: one per line). VALUE env:VAR reads $VAR; credentials must come that way.",
+    ),
+    Option(
+        "ca-bundle",
+        "path",
+        "PEM file of the CAs to trust for https servers; unset: $SSL_CERT_FILE, else $REQUESTS_CA_BUNDLE, "
+        "else the system's.",
+    ),
+    Option("client-cert", "path", "PEM client certificate (with its key, or see --harness-client-key)."),
+    Option("client-key", "path", "PEM key of --harness-client-cert when it is a separate file."),
     Option("mode", "str", "LoadGen mode.", "performance", choices=("performance", "accuracy")),
     Option(
         "target-qps",
@@ -89,7 +103,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("min-duration-ms", "int", "Override LoadGen min_duration (ms)."),
     Option("min-query-count", "int", "Override LoadGen min_query_count."),
     Option("sample-count", "int", "Use only the first N dataset samples.", positive=True),
-    Option("request-timeout-s", "float", "Per-request deadline (s).", "600", positive=True),
+    Option(
+        "request-timeout-s",
+        "float",
+        "Per-request deadline (s), from the moment the request is sent.",
+        "600",
+        positive=True,
+    ),
+    Option(
+        "stream-idle-timeout-s",
+        "float",
+        "Fail a request whose answer started but then sent no byte for this long (s).",
+        "120",
+        positive=True,
+    ),
+    Option(
+        "max-connections",
+        "int",
+        "Connections the client keeps open at most (per client process); raised file limits permitting.",
+        "1024",
+        positive=True,
+    ),
     Option("test-timeout-s", "float", "Per-test deadline (s).", "7200", positive=True),
     Option("thresholds", "path", "YAML of threshold overrides: {case name or test id: {threshold: value}}."),
     Option("baseline", "path", "Compare against this baseline file (from --harness-save-baseline)."),
@@ -138,6 +172,10 @@ class HarnessOptions(BaseModel):
     output_dir_explicit: bool = False
     server_url: str | None = None
     api_key_env: str | None = None
+    headers: tuple[str, ...] = Field((), description="--harness-header values, NAME=VALUE each.")
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
     mode: Literal["performance", "accuracy"] = "performance"
     target_qps: float | None = None
     target_qps_auto: bool = Field(False, description="--harness-target-qps auto.")
@@ -150,6 +188,8 @@ class HarnessOptions(BaseModel):
     min_query_count: int | None = None
     sample_count: int | None = None
     request_timeout_s: float = 600.0
+    stream_idle_timeout_s: float = 120.0
+    max_connections: int = 1024
     test_timeout_s: float = 7200.0
     thresholds: Path | None = None
     baseline: Path | None = None
@@ -170,7 +210,7 @@ class HarnessOptions(BaseModel):
         values: dict[str, Any] = {}
         for opt in OPTIONS:
             value, source = raw(opt)
-            if value in (None, "") or (opt.kind == "bool" and value is False):
+            if value in (None, "", []) or (opt.kind == "bool" and value is False):
                 value, source = opt.default, None
             if value is None:
                 continue
@@ -187,7 +227,11 @@ class HarnessOptions(BaseModel):
         return cls(**{k: v for k, v in values.items() if k in cls.model_fields})
 
 
-_FIELD = {"max-regression": "max_regression_pct", "capacity-precision": "capacity_precision_pct"}
+_FIELD = {
+    "max-regression": "max_regression_pct",
+    "capacity-precision": "capacity_precision_pct",
+    "header": "headers",
+}
 
 
 def _where(opt: Option) -> str:
@@ -198,6 +242,9 @@ def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir:
     text = str(value).strip()
     if opt.kind == "bool":
         return bool(value)
+    if opt.kind == "list":
+        items = [value] if isinstance(value, str) else list(value)
+        return tuple(str(v).strip() for v in items if str(v).strip())
     if opt.kind == "path":
         base = cli_dir if source == "cli" else root_dir
         return (base / os.path.expanduser(text)).resolve()

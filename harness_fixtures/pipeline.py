@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .accuracy.run import AccuracyRunError, score_run
+from .client.httpconfig import HttpConfig
+from .client.payload import PROFILES, PayloadError, RequestProfile, token_source
 from .client.requestlog import client_stats, read_requests
 from .config import BenchmarkCase, PlannedRun
 from .dataset import Dataset, DatasetError, load_dataset
@@ -131,10 +133,17 @@ class Suite:
     # sizes the model's Server/Interactive load. A model's tests share one xdist worker.
     offline_measured: dict[str, tuple[float, str]] = field(default_factory=dict)
     _user_confs: dict[Path, list[ConfEntry]] = field(default_factory=dict)
+    http: HttpConfig | None = None  # the session's one HTTP configuration (built from options if unset)
+
+    def http_config(self) -> HttpConfig:
+        """Headers, proxies and TLS for every request of the session (stream, health, /metrics)."""
+        if self.http is None:
+            self.http = HttpConfig.from_options(self.options)
+        return self.http
 
     def secrets(self) -> list[str]:
         key = self.options.api_key()
-        return [key] if key else []
+        return ([key] if key else []) + self.http_config().secret_values()
 
     def user_conf(self, case: BenchmarkCase) -> tuple[Path, list[ConfEntry]]:
         """The case's user.conf (its own, else the suite's), parsed once per session.
@@ -209,6 +218,7 @@ class _TestRun:
         self._checks: list[ConstraintCheck] = []  # the last run's latency limits and observations
         self._requests: list[dict[str, Any]] = []  # the last run's request log
         self._warmup: dict[str, Any] = {}  # the last run's warm-up request (unloaded latency)
+        self.child_env: dict[str, str] = {}  # credentials for the LoadGen child (never in run_spec.json)
 
     # -- the steps -------------------------------------------------------------------------------
     def execute(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
@@ -221,10 +231,18 @@ class _TestRun:
             dataset = load_dataset(self.case.dataset, dataset_path)  # before any engine starts
         except DatasetError as exc:
             return self._error(str(exc), skippable=True)
+        problem = self._token_count_problem(
+            PROFILES.get(self.case.engine.request_profile or self.case.engine.kind)
+        )
+        if problem:
+            return self._error(problem)  # knowable from the case: before any engine starts
         try:
             self.endpoint = get_endpoint()
         except EngineError as exc:
             return self._error(str(exc))
+        problem = self._token_count_problem(self.endpoint.request_profile)
+        if problem:
+            return self._error(problem)
         log.info("running %s against %s (%s)", self.p.test_id, self.endpoint.base_url, self.endpoint.kind)
         try:
             rate = self._size_rate(entries, user_conf, dataset_path)
@@ -292,6 +310,22 @@ class _TestRun:
                 self.suite.offline_measured[self.case.name] = (measured, self.p.test_id)
         accuracy = self._score(dataset, result) if self.p.mode == "accuracy" else None
         return self._finish(result.model_copy(update={"accuracy": accuracy}))
+
+    def _token_count_problem(self, profile: RequestProfile | None) -> str | None:
+        """Why this case's tokens cannot be counted as asked with this server, or None."""
+        if profile is None:
+            return None
+        try:
+            source = token_source(profile, self.case.generation)
+        except PayloadError as exc:
+            return f"{self.case.source}: {exc}"
+        if source == "usage" and self.p.mode == "accuracy":
+            return (
+                f"{self.case.source}: accuracy needs the output token ids, and {profile.name}'s "
+                f"{self.case.generation.api} stream has none (tokens would be counted from usage); use "
+                "generation.api: completions for accuracy runs"
+            )
+        return None
 
     def _size_rate(self, entries: list[ConfEntry], user_conf: Path, dataset_path: Path) -> RateChoice | None:
         """The rate of this run: the user's, or derived from a measurement on this machine."""
@@ -378,7 +412,7 @@ class _TestRun:
                 }
             )
             assert self.endpoint is not None
-            child = run_child(spec, self.endpoint)
+            child = run_child(spec, self.endpoint, env=self.child_env)
             measured = self._measure(spec, child)
             # Judged at the percentile the full-length confirmation's early stopping will demand at this
             # load (stricter than the scenario's at a few hundred queries), so what passes here passes there.
@@ -465,7 +499,7 @@ class _TestRun:
                 "single_stream_latency_from_warmup": False,
             }
         )
-        child = run_child(spec, self.endpoint)
+        child = run_child(spec, self.endpoint, env=self.child_env)
         probe = self._measure(spec, child)
         if probe.samples_per_s is None or probe.queries.failed or probe.status not in FINISHED:
             raise _SizingFailed(
@@ -482,6 +516,9 @@ class _TestRun:
 
         assert self.endpoint is not None
         o = self.opts
+        server = self.endpoint.server_url()
+        # The same headers, proxies and TLS as this process; a URL's user:password goes by environment.
+        http_settings, self.child_env = self.suite.http_config().for_child(server)
         target = o.target_qps
         sized = ("measured", "capacity search", "stored capacity")
         if rate is not None and rate.source in sized and rate.setting != "single_stream_expected_latency_ms":
@@ -494,14 +531,17 @@ class _TestRun:
             loadgen_scenario=self.p.loadgen_scenario,
             mode=self.p.mode,
             client=ClientSpec(
-                base_url=self.endpoint.base_url,
+                base_url=server.display,
                 served_model=self.endpoint.served_model,
                 generation=self.case.generation,
                 dataset=self.case.dataset,
                 dataset_path=str(dataset_path),
                 sample_count=o.sample_count,
                 request_timeout_s=o.request_timeout_s,
-                api_key_env=o.api_key_env,
+                idle_timeout_s=o.stream_idle_timeout_s,
+                max_connections=o.max_connections,
+                http=http_settings,
+                request_profile=self.endpoint.request_profile,
             ),
             performance_sample_count=self.case.dataset.performance_sample_count,
             target_qps=target,
@@ -514,6 +554,7 @@ class _TestRun:
                 and rate.setting == "single_stream_expected_latency_ms"
                 and rate.source == "measured"
             ),
+            metrics_paths=list(metrics_paths(self.endpoint.kind)),
         )
 
     def _attempt(
@@ -525,11 +566,13 @@ class _TestRun:
         assert spec.t0_monotonic_ns is not None
         t0_ns = spec.t0_monotonic_ns
         kind = self.endpoint.kind
+        http = self.suite.http_config()
         telemetry = RunTelemetry(
             self.endpoint.base_url,
-            self.endpoint.headers,
+            http.headers_for(self.endpoint.server_url()),
             metrics_paths=metrics_paths(kind),
             gpu_env=engine_gpu_env(kind, self.case.engine.env),
+            http=http,
         )
         n = min(len(dataset), spec.client.sample_count or len(dataset))
         expected = (
@@ -547,7 +590,13 @@ class _TestRun:
         )
         try:
             with self.events.live(self.p.test_id, self.test_dir / "requests.jsonl", expected) as tick:
-                child = run_child(spec, self.endpoint, lambda pid: self._started(telemetry, t0_ns, pid), tick)
+                child = run_child(
+                    spec,
+                    self.endpoint,
+                    lambda pid: self._started(telemetry, t0_ns, pid),
+                    tick,
+                    env=self.child_env,
+                )
         except KeyboardInterrupt:
             telemetry.stop()
             stopped = ChildOutcome(

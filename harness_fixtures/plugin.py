@@ -19,6 +19,7 @@ from typing import Any, Literal
 import pytest
 
 from . import hookspecs
+from .client.httpconfig import HttpConfig, ServerUrl
 from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs
 from .gating import GateError, load_threshold_overrides
 from .loadgen.userconf import UserConfError, parse_user_conf
@@ -39,14 +40,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "LLM serving benchmarks (harness-fixtures)")
     for opt in OPTIONS:
         extra: dict[str, Any] = {"action": "store_true"} if opt.kind == "bool" else {}
+        if opt.kind == "list":
+            extra["action"] = "append"
         if opt.choices:
             extra["choices"] = opt.choices
         help_ = f"{opt.help} Default: {opt.default}."
         group.addoption(opt.flag, dest=opt.dest, default=None, help=help_, **extra)
-        ini_type: Literal["bool", "string"] = "bool" if opt.kind == "bool" else "string"
-        parser.addini(
-            opt.dest, help=help_, type=ini_type, default=False if opt.kind == "bool" else opt.default
+        ini_type: Literal["bool", "string", "linelist"] = (
+            "bool" if opt.kind == "bool" else "linelist" if opt.kind == "list" else "string"
         )
+        default: Any = False if opt.kind == "bool" else [] if opt.kind == "list" else opt.default
+        parser.addini(opt.dest, help=help_, type=ini_type, default=default)
 
 
 def _raw(config: pytest.Config) -> Any:
@@ -56,7 +60,7 @@ def _raw(config: pytest.Config) -> Any:
             return cli, "cli"
         ini = config.getini(opt.dest)
         # An ini value equal to the built-in default is the default (relative to the rootdir alike).
-        return (ini, "ini") if ini not in (None, "", False) else (None, None)
+        return (ini, "ini") if ini not in (None, "", False, []) else (None, None)
 
     return get
 
@@ -73,6 +77,11 @@ def pytest_configure(config: pytest.Config) -> None:
             command_line=list(config.invocation_params.args),
             cwd=config.invocation_params.dir,
         )
+        # Options (headers, keys, TLS files) checked now; the environment's proxies and CA variables at
+        # the first request, so runs without benchmarks never fail on them.
+        suite.http = HttpConfig.from_options(options, check_environment=False)
+        if options.server_url:
+            suite.http.headers_for(ServerUrl.parse(options.server_url, "--harness-server-url"))
         state = HarnessState(suite)
         if options.models_dir is not None and (options.models_dir.is_dir() or options.models_dir_explicit):
             state.cases = load_cases(options.models_dir)
@@ -183,6 +192,7 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
     manager = EngineManager(
         server_url=options.server_url,
         api_key=options.api_key(),
+        http=pytestconfig.stash[STATE].suite.http_config(),
         make_launcher=lambda kind: pytestconfig.hook.pytest_harness_make_launcher(
             config=pytestconfig, kind=kind
         ),
@@ -194,6 +204,7 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
     finally:
         manager.stop()
         signal.signal(signal.SIGTERM, previous)
+        pytestconfig.stash[STATE].suite.http_config().close()
 
 
 def _install_sigterm() -> Any:

@@ -65,6 +65,11 @@ class ClientStats(_Model):
         None, description="Share of 1-s samples with the busiest client process at >= 90 % of a core."
     )
     cpu_samples: int | None = None
+    token_count: str | None = Field(
+        None, description="How output tokens were counted: token ids per chunk, or usage.completion_tokens."
+    )
+    max_connections: int | None = Field(None, description="Connections per client process, at most.")
+    connections_note: str | None = Field(None, description="Why fewer connections than asked (file limit).")
     client_bound: list[str] = Field(default_factory=list, description="Why the client set the pace.")
 
 

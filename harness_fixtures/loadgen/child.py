@@ -7,6 +7,7 @@ Ctrl-C reaches pytest only and the parent stops the child's whole group itself.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -40,11 +41,14 @@ def run_child(
     endpoint: Endpoint,
     on_start: Callable[[int], None] | None = None,
     on_tick: Callable[[float], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ChildOutcome:
     """Run LoadGen for ``spec`` in a child process and wait for it.
 
     ``on_start(pid)`` is called once the child (the client) runs; ``on_tick(elapsed_s)`` about once a
     second (progress display). Ctrl-C / SIGTERM stop the child's group and propagate.
+
+    :param env: variables added to the child's environment (credentials the spec file must not hold).
     """
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +63,7 @@ def run_child(
             stdout=fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
             start_new_session=True,  # Ctrl-C reaches pytest only; we stop the child ourselves
         )
     engine_dead_since: float | None = None

@@ -20,7 +20,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+from ..client.http import HttpError
+from ..client.httpconfig import HttpConfig, ServerUrl
 from .base import BaseCollector
 
 __all__ = [
@@ -100,14 +103,12 @@ _MEAN_GAUGES = frozenset({"kv_cache_usage"})
 
 
 def metrics_url(url: str, path: str = "/metrics") -> str:
-    """`{base}{path}` for a server base URL; an OpenAI-style `/v1` suffix is dropped, and a URL that
-    already ends in `/metrics` is kept as given."""
+    """`{base}{path}` for a server base URL (its path prefix and query kept, an OpenAI-style `/v1`
+    dropped, as for every request: client.httpconfig.ServerUrl); a /metrics URL is kept as it is."""
     u = url.rstrip("/")
-    if u.endswith("/metrics"):
+    if urlsplit(u).path.endswith("/metrics"):
         return u
-    if u.endswith("/v1"):
-        u = u[: -len("/v1")]
-    return u + "/" + path.lstrip("/")
+    return ServerUrl.parse(u).url("/" + path.lstrip("/"))
 
 
 def _strip_total(name: str) -> str:
@@ -339,6 +340,8 @@ class PrometheusCollector(BaseCollector):
     :param extra_names: additional engine names per canonical name, tried before the defaults.
     :param name: source name in the timeline.
     :param paths: metrics paths on the server, in the order to try (`/metrics` by default).
+    :param http: the session's HTTP configuration (proxies, TLS): the streaming client's; default: the
+        environment's proxies and the system's CAs.
     """
 
     def __init__(
@@ -353,6 +356,7 @@ class PrometheusCollector(BaseCollector):
         name: str = "engine",
         stop_timeout_s: float | None = None,
         paths: Sequence[str] = ("/metrics",),
+        http: HttpConfig | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -371,32 +375,30 @@ class PrometheusCollector(BaseCollector):
         self.state = ScrapeState(table)
         self.n_ok = 0
         self._only_connection_errors = True
-        self._session: Any = None
+        self._http = http
+        self._own_http: HttpConfig | None = None
 
     def _setup(self) -> str | None:
-        import requests
-
-        self._session = requests.Session()
-        self._session.headers.update(self.headers)
+        if self._http is None:
+            self._http = self._own_http = HttpConfig.build()
         return None
 
     def _teardown(self) -> None:
-        if self._session is not None:
-            self._session.close()
+        if self._own_http is not None:
+            self._own_http.close()  # the connections of a configuration made here
 
     def _sample(self) -> Iterable[tuple[str, float]]:
-        import requests
-
+        assert self._http is not None
         while True:
             t_before = self._now_s()
             try:
-                resp = self._session.get(self.url, timeout=self.timeout_s)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                raise ConnectionError(f"cannot scrape {self.url}: {type(exc).__name__}") from exc
+                resp = self._http.fetch(self.url, self.headers, self.timeout_s)
+            except HttpError as exc:
+                raise ConnectionError(f"cannot scrape {self.url}: {exc}") from exc
             t = (t_before + self._now_s()) / 2.0
             problem = None
-            if resp.status_code != 200:
-                problem = f"HTTP {resp.status_code} from {self.url}"
+            if resp.status != 200:
+                problem = f"HTTP {resp.status} from {self.url}"
             elif resp.text.lstrip().startswith(("[", "{")):
                 problem = f"{self.url} answers JSON, not Prometheus text"
             if problem is not None and self.n_ok == 0 and self._fallbacks:

@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..client.httpconfig import HttpConfig
 from ..client.requestlog import Request
 from ..results import GpuTelemetry, GpuWatched, TelemetryResult
 from .base import CollectorSet
@@ -29,6 +30,7 @@ class RunTelemetry:
     :param metrics_paths: where the engine serves Prometheus text, in the order to try.
     :param gpu_env: the engine's environment, whose CUDA_VISIBLE_DEVICES picks the GPUs to watch;
         None when unknown (every GPU is watched, and the result says so).
+    :param http: the session's HTTP configuration (proxies, TLS, headers), the streaming client's.
     """
 
     def __init__(
@@ -39,9 +41,10 @@ class RunTelemetry:
         *,
         metrics_paths: Sequence[str] = ("/metrics",),
         gpu_env: Mapping[str, str] | None = None,
+        http: HttpConfig | None = None,
     ) -> None:
         self.engine = PrometheusCollector(
-            base_url, interval_s=interval_s, headers=headers, paths=tuple(metrics_paths)
+            base_url, interval_s=interval_s, headers=headers, paths=tuple(metrics_paths), http=http
         )
         self.gpu = NvmlCollector(interval_s=interval_s, engine_env=gpu_env)
         self.host: HostCollector | None = None

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..client.errors import HttpError
+from ..client.httpconfig import HttpConfig, HttpConfigError, ServerUrl
 from ..results import EngineWindow, HistogramWindow
-from .prometheus import ScrapeState, metrics_url
+from .prometheus import ScrapeState
 from .timeline import Sample
 
 # Canonical histograms reported over the window (names of harness_fixtures.metrics.prometheus).
 WINDOW_HISTOGRAMS = ("ttft_s", "itl_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s")
 
 
-def fetch_metrics_text(base_url: str, headers: dict[str, str], timeout_s: float = 5.0) -> str | None:
-    """The engine's /metrics text, or None when it cannot be read (never raises: a window without
-    engine numbers is still a valid run)."""
-    import requests
-
-    try:
-        resp = requests.get(metrics_url(base_url), headers=headers, timeout=timeout_s)
-    except requests.RequestException:
-        return None
-    return resp.text if resp.status_code == 200 else None
+def fetch_metrics_text(
+    http: HttpConfig, url: ServerUrl, paths: Sequence[str], timeout_s: float = 5.0
+) -> str | None:
+    """The engine's Prometheus text from the first of ``paths`` that serves it (the session's headers,
+    proxy and TLS), or None when none can be read (never raises: a window without engine numbers is
+    still a valid run)."""
+    for path in paths:
+        try:
+            reply = http.get(url, path, timeout_s)
+        except (HttpError, HttpConfigError):
+            return None
+        if reply.status == 200 and not reply.text.lstrip().startswith(("[", "{")):
+            return reply.text
+    return None
 
 
 def engine_window(before: str, after: str) -> EngineWindow:

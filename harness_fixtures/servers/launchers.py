@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ..client.httpconfig import HttpConfigError, ServerUrl
+from ..client.payload import PROFILES, SGLANG, TRTLLM, VLLM, RequestProfile
 from .base import Endpoint, EngineError, LaunchContext, args_to_argv, fetch_version, log, wait_healthy
 from .process import ProcessStartError, free_port, start_process, stop_process_group
 
@@ -27,6 +29,7 @@ class ProcessLauncher:
     kind = "process"
     # Where the engine serves Prometheus text, tried in order (docs/engines.md).
     metrics_paths: tuple[str, ...] = ("/metrics",)
+    request_profile: RequestProfile = VLLM  # the request fields the engine's server accepts
 
     def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
         raise NotImplementedError
@@ -49,7 +52,9 @@ class ProcessLauncher:
                 proc = start_process(argv, self.build_env(ctx), log_path)
             except ProcessStartError as exc:
                 raise EngineError(str(exc)) from None
-            base_url = f"http://{'127.0.0.1' if spec.host in ('0.0.0.0', '') else spec.host}:{port}"
+            host = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host
+            base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"  # IPv6 needs brackets
+            http = ctx.http_config()
             ep = Endpoint(
                 self.kind,
                 base_url,
@@ -59,10 +64,14 @@ class ProcessLauncher:
                 proc.pid,
                 process=proc,
                 headers=headers,
+                request_profile=PROFILES[spec.request_profile]
+                if spec.request_profile
+                else self.request_profile,
             )
             try:
-                wait_healthy(proc, base_url, ep.served_model, log_path, spec.start_timeout_s, headers)
-                ep.version = fetch_version(base_url, headers)
+                ep.headers = http.headers_for(ep.server_url())
+                wait_healthy(proc, base_url, ep.served_model, log_path, spec.start_timeout_s, http)
+                ep.version = fetch_version(base_url, http)
             except EngineError as exc:
                 stop_process_group(proc, spec.stop_timeout_s)
                 # Another process can grab the port between our probe and the engine's bind.
@@ -197,6 +206,7 @@ class SglangLauncher(ProcessLauncher):
     """``python -m sglang.launch_server``; flags as in SGLang's server_args.py (docs/engines.md)."""
 
     kind = "sglang"
+    request_profile = SGLANG
 
     def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
         spec = ctx.case.engine
@@ -227,6 +237,7 @@ class TrtllmLauncher(ProcessLauncher):
     kind = "trtllm"
     # trtllm-serve's /metrics is JSON iteration statistics; the Prometheus text is here.
     metrics_paths = ("/prometheus/metrics",)
+    request_profile = TRTLLM
 
     def build_argv(self, ctx: LaunchContext, host: str, port: int) -> list[str]:
         spec = ctx.case.engine
@@ -377,10 +388,22 @@ class ExternalLauncher:
                 f"case {ctx.case.name!r} has engine.kind external but no URL; set engine.url in "
                 "the YAML or pass --harness-server-url URL"
             )
-        headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
-        wait_healthy(None, url, ctx.case.served_name, None, min(ctx.case.engine.start_timeout_s, 60), headers)
+        http = ctx.http_config()
+        try:
+            server = ServerUrl.parse(url)
+            headers = http.headers_for(server)
+        except HttpConfigError as exc:
+            raise EngineError(str(exc)) from None
+        wait_healthy(None, server, ctx.case.served_name, None, min(ctx.case.engine.start_timeout_s, 60), http)
+        spec = ctx.case.engine
         return Endpoint(
-            "external", url, ctx.case.served_name, headers=headers, version=fetch_version(url, headers)
+            "external",
+            server.display,  # never the user:password: logs, terminal and metadata show base_url
+            ctx.case.served_name,
+            headers=headers,
+            version=fetch_version(server, http),
+            server=server,
+            request_profile=PROFILES.get(spec.request_profile or spec.kind, VLLM),
         )
 
     def stop(self, endpoint: Endpoint) -> None:

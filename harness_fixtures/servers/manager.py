@@ -29,6 +29,7 @@ class EngineManager:
 
     server_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    http: Any = field(default=None, repr=False)  # HttpConfig: headers, proxies, TLS of every request
     make_launcher: LauncherFactory = lambda kind: None
     on_message: Callable[[str], None] = log.info
     current: tuple[str, Endpoint, Any] | None = None
@@ -68,7 +69,9 @@ class EngineManager:
                 )
                 raise EngineError(self.failed[case.name])
             launcher = LAUNCHERS[kind]()
-        ctx = LaunchContext(case=case, run_dir=run_dir, api_key=self.api_key, server_url=self.server_url)
+        ctx = LaunchContext(
+            case=case, run_dir=run_dir, api_key=self.api_key, server_url=self.server_url, http=self.http
+        )
         self.starts[case.name] = self.starts.get(case.name, 0) + 1
         self.on_message(
             f"[harness] starting {kind} engine for {case.name} (log: {run_dir / 'engine.log'}) ..."

@@ -90,6 +90,27 @@ class SimSettings(BaseModel):
         le=1,
         description="Fraction of requests whose connection is closed mid-answer, without [DONE].",
     )
+    stall_stream_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of streamed requests that stop sending half way through and keep the "
+        "connection open (a stalled engine).",
+    )
+    done_without_end_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of streams that send everything up to data: [DONE] but never end the HTTP "
+        "body (no terminating chunk); the connection stays open until the client closes it.",
+    )
+    ignore_stream_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description='Fraction of streamed requests answered as if "stream" were false: one JSON body, as a '
+        "server or gateway that ignores stream does.",
+    )
     double_eos: bool = Field(
         False,
         description="Every answer ends in two EOS ids, still within max_tokens (finish_reason 'stop'); "
@@ -101,6 +122,16 @@ class SimSettings(BaseModel):
         "(the non-streaming answer, the reference answer and /sim/requests' expected_first_token_id).",
     )
     seed: int = Field(0, description="Seed of the RNG that picks which requests the *_rate faults hit.")
+
+    # Transport: TLS and an Authorization check, as a remote deployment behind a gateway has.
+    tls_certfile: Path | None = Field(None, description="Serve https with this PEM certificate (chain).")
+    tls_keyfile: Path | None = Field(None, description="PEM key of tls_certfile (if not in the same file).")
+    tls_client_ca: Path | None = Field(
+        None, description="Require client certificates signed by this PEM CA (mutual TLS)."
+    )
+    require_authorization: str | None = Field(
+        None, description="Answer 401 on every path unless the Authorization header equals this value."
+    )
 
     # Bookkeeping.
     records_max: int = Field(
@@ -116,6 +147,12 @@ class SimSettings(BaseModel):
             )
         if self.responses_file is not None and not self.responses_file.is_file():
             raise ValueError(f"responses_file {str(self.responses_file)!r} is not a file; fix the path")
+        for name in ("tls_certfile", "tls_keyfile", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a file; fix the path")
+        if (self.tls_keyfile or self.tls_client_ca) and self.tls_certfile is None:
+            raise ValueError("tls_keyfile and tls_client_ca need tls_certfile; set it")
         return self
 
     @classmethod

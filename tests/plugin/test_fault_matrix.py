@@ -19,6 +19,14 @@
 | security: engines bind loopback | test_engines_bind_loopback |
 | security: no secret in any written file | test_mlflow_unreachable_and_no_secret_written |
 | security: safe_load only, no shell=True | test_no_unsafe_yaml_or_shell |
+| remote server: private-CA TLS, user:password in the URL, via a proxy | test_remote_tls_auth_and_proxy |
+| remote server: certificate not trusted | test_remote_tls_untrusted_certificate_fails_fast |
+| API key or header with CR/LF or not Latin-1 | test_header_injection_is_a_usage_error |
+| stream: [DONE] but the body never ends | test_stream_done_without_body_end_completes |
+| stream: stalls mid-answer | test_stream_stalled_fails_at_the_idle_timeout |
+| stream: server ignores "stream" (plain JSON) | test_stream_plain_json_is_reported_as_such |
+| stream: bad Content-Length, kept-alive connection closed under a POST | tests/unit/test_client_http.py |
+| Offline queue wait longer than the request deadline | tests/e2e/test_client_deadlines.py |
 
 Runs are pytester subprocesses of a throwaway project (tests/conftest.py), so LoadGen children,
 engine process groups and signal handlers stay out of this process.
@@ -26,6 +34,7 @@ engine process groups and signal handlers stay out of this process.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fnmatch
 import importlib.util
@@ -38,13 +47,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 import yaml
+from httpfakes import UPSTREAM, FakeProxy, make_tls
 from support import BENCHMARK_TEST, TINY_SIM, TINY_USER_CONF, sim_case, write_dataset
 
 from harness_fixtures.loadgen.mllog import parse_mllog
@@ -228,7 +238,11 @@ FAULTY_MODELS = {
     "http500": {"http_500_rate": 0.3},
     "dropped": {"truncate_stream_rate": 0.3},
     "malformed": {"malformed_sse_rate": 0.3},
+    "stalled": {"stall_stream_rate": 0.3},
+    "plainjson": {"ignore_stream_rate": 0.3},
+    "donenoend": {"done_without_end_rate": 1.0},  # every answer: passes (each completes at [DONE])
 }
+IDLE_TIMEOUT = "--harness-stream-idle-timeout-s=0.5"  # below the 2 s request deadline of DEADLINES
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +273,7 @@ def faulty_session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
         }
         (root / "models" / f"{name}.yaml").write_text(yaml.safe_dump(case))
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *DEADLINES],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *DEADLINES, IDLE_TIMEOUT],
         cwd=root,
         capture_output=True,
         text=True,
@@ -315,6 +329,135 @@ def test_malformed_or_truncated_sse_stream(
     # test's failure message.
     assert all(fragment in x["error"] for x in failed), failed[:3]
     assert fragment in output
+
+
+@pytest.mark.slow
+def test_stream_done_without_body_end_completes(faulty_session: tuple[Path, str]) -> None:
+    """Every answer ends with `data: [DONE]` but its HTTP body never does: each request completes at
+    [DONE] (before, each waited for its 2 s deadline and failed)."""
+    session, output = faulty_session
+    r = BenchmarkResult.load(session / "donenoend_offline" / "result.yaml")
+    assert r.status == "VALID" and r.queries.failed == 0 and r.queries.completed == r.queries.issued > 0
+    assert (
+        "donenoend_offline PASSED" in output
+        or "PASSED test_benchmarks.py::test_benchmark[donenoend_offline]" in output
+    )
+
+
+@pytest.mark.slow
+def test_stream_stalled_fails_at_the_idle_timeout(faulty_session: tuple[Path, str]) -> None:
+    session, output = faulty_session
+    failed = _check_counted_failures(session, output, "stalled")
+    assert all(x["error"] == "stream stalled: no data for 0.5 s (idle timeout)" for x in failed), failed[:3]
+    # The stall was caught by the idle timeout, not by the request deadline (2 s).
+    assert all(x["done_s"] - x["sent_s"] < 2.0 for x in failed), failed[:3]
+
+
+@pytest.mark.slow
+def test_stream_plain_json_is_reported_as_such(faulty_session: tuple[Path, str]) -> None:
+    session, output = faulty_session
+    failed = _check_counted_failures(session, output, "plainjson")
+    assert all("not an event stream" in x["error"] and "truncated" not in x["error"] for x in failed)
+
+
+# -- remote servers: TLS, credentials, proxies -----------------------------------------------------
+@pytest.fixture
+def remote_sim(tmp_path: Path) -> Iterator[tuple[Any, str, int]]:
+    """The simulator as a remote deployment: https with a private CA's certificate, and Basic auth
+    required on every path (401 otherwise). Yields (TLS files, the Authorization it wants, port)."""
+    from harness_fixtures.client.httpconfig import HttpConfig, HttpSettings
+    from harness_fixtures.servers.base import wait_healthy
+    from harness_fixtures.servers.process import free_port, start_process, stop_process_group
+
+    tls = make_tls(tmp_path / "tls")
+    auth = "Basic " + base64.b64encode(b"bob:" + REMOTE_PW.encode()).decode()
+    settings = {
+        **TINY_SIM,
+        "tls_certfile": str(tls.server_cert),
+        "tls_keyfile": str(tls.server_key),
+        "require_authorization": auth,
+    }
+    cfg = tmp_path / "remote-sim.json"
+    cfg.write_text(json.dumps(settings))
+    port = free_port()
+    argv = [sys.executable, "-m", "harness_fixtures.sim", "--port", str(port), "--served-model-name", "a",
+            "--config", str(cfg)]  # fmt: skip
+    proc = start_process(argv, dict(os.environ), tmp_path / "remote-sim.log")
+    try:
+        with HttpConfig.build(HttpSettings(ca_bundle=str(tls.ca)), {}) as http:
+            url = f"https://bob:{REMOTE_PW}@localhost:{port}"
+            wait_healthy(proc, url, "a", tmp_path / "remote-sim.log", 30, http)
+        yield tls, auth, port
+    finally:
+        stop_process_group(proc, 5)
+
+
+REMOTE_PW = "pw-remote-4711"
+
+
+def _external_model(project: HarnessProject) -> None:
+    project.model("a", ("Offline",), engine={"kind": "external", "start_timeout_s": 30})
+
+
+@pytest.mark.slow
+def test_remote_tls_auth_and_proxy(
+    harness_project: HarnessProject, remote_sim: tuple[Any, str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server reached as https://user:password@name through an HTTPS_PROXY, trusting a private CA:
+    the health check, every streamed request and the /metrics scraper all go through the proxy, with
+    TLS to the server and the credentials (the simulator answers 401 to anything without them)."""
+    tls, _, port = remote_sim
+    proxy = FakeProxy(hosts={UPSTREAM: ("127.0.0.1", port)})
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    _external_model(harness_project)
+    try:
+        result = harness_project.run(
+            f"--harness-server-url=https://bob:{REMOTE_PW}@{UPSTREAM}:{port}/v1",
+            f"--harness-ca-bundle={tls.ca}",
+            *DEADLINES,
+        )
+    finally:
+        proxy.stop()
+    result.assert_outcomes(passed=1)
+    test_dir = only_session(harness_project) / "a_offline"
+    r = BenchmarkResult.load(test_dir / "result.yaml")
+    assert r.status == "VALID" and r.queries.failed == 0 and r.queries.issued > 0
+    assert r.telemetry.collectors["engine"] == "ok", r.telemetry.collectors  # /metrics: 200 with auth
+    # Only through the proxy: upstream.test resolves nowhere else. Health, stream and /metrics tunnels.
+    assert proxy.log and set(proxy.log) == {f"CONNECT {UPSTREAM}:{port}"}, proxy.log
+    assert len(proxy.log) >= 3
+    # The client never writes the password: the child got it through its environment.
+    for name in ("run_spec.json", "harness.log", "requests.jsonl", "result.yaml"):
+        assert REMOTE_PW not in (test_dir / name).read_text(), name
+
+
+@pytest.mark.slow
+def test_remote_tls_untrusted_certificate_fails_fast(
+    harness_project: HarnessProject, remote_sim: tuple[Any, str, int]
+) -> None:
+    _, _, port = remote_sim
+    _external_model(harness_project)
+    t0 = time.monotonic()
+    result = harness_project.run(f"--harness-server-url=https://bob:{REMOTE_PW}@localhost:{port}", *DEADLINES)
+    assert time.monotonic() - t0 < 25  # not the 30 s start deadline: a certificate does not get trusted
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*TLS certificate of localhost not trusted*--harness-ca-bundle*"])
+    assert REMOTE_PW not in result.stdout.str()
+
+
+@pytest.mark.parametrize("value", ["sekrit\r\nX-Injected: yes", "sek€rit"], ids=["crlf", "non_latin1"])
+def test_header_injection_is_a_usage_error(
+    harness_project: HarnessProject, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("HARNESS_TEST_API_KEY", value)
+    harness_project.model("a", ("Offline",))
+    result = harness_project.run("--harness-api-key-env=HARNESS_TEST_API_KEY")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines(["*--harness-api-key-env: the value of $HARNESS_TEST_API_KEY contains*"])
+    assert "sekrit" not in result.stdout.str() + result.stderr.str()
+    assert not list(harness_project.path.rglob("engine.log"))  # before any engine starts
 
 
 # -- signals ---------------------------------------------------------------------------------------
@@ -669,8 +812,12 @@ def test_deadline_defaults_fit_llm_runs(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--help")
     help_text = re.sub(r"\s+", " ", result.stdout.str())
     assert (
-        "--harness-request-timeout-s=HARNESS_REQUEST_TIMEOUT_S Per-request deadline (s). Default: 600."
-        in help_text
+        "--harness-request-timeout-s=HARNESS_REQUEST_TIMEOUT_S Per-request deadline (s), from the moment "
+        "the request is sent. Default: 600." in help_text
+    )
+    assert (
+        "--harness-stream-idle-timeout-s=HARNESS_STREAM_IDLE_TIMEOUT_S Fail a request whose answer started "
+        "but then sent no byte for this long (s). Default: 120." in help_text
     )
     assert (
         "--harness-test-timeout-s=HARNESS_TEST_TIMEOUT_S Per-test deadline (s). Default: 7200." in help_text

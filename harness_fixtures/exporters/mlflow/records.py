@@ -230,7 +230,7 @@ def _params(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(v, dict) and k not in ("out_dir", "test_id", "t0_monotonic_ns"):
             p[f"run.{k}"] = v
     for k in ("request_timeout_s", "max_connections", "api_key_env", "sample_count"):
-        p[f"run.{k}"] = client.get(k)
+        p[f"run.{k}"] = client.get(k, (client.get("http") or {}).get(k))
     for k, v in (env.get("packages") or {}).items():
         p[f"package.{k}"] = v
     return p
