@@ -21,7 +21,7 @@ from typing import Any
 from .results import BenchmarkResult, ConstraintCheck, Diagnosis
 
 SATURATED_WAITING_SHARE = 0.1  # requests waiting in the engine queue in >= 10 % of the window's samples
-SUGGESTED_SHARE = 0.8  # suggest a target at 80 % of the load that failed (or of the capacity bound)
+SUGGESTED_SHARE = 0.8  # suggest 80 % of the lowest bound on what the engine sustains (see _suggest)
 
 
 def diagnose(
@@ -85,13 +85,26 @@ def diagnose(
             constraints=checks,
             evidence=evidence,
         )
-    suggest = _suggest(target, offline_samples_per_s)
+    suggest = _suggest(target, result.samples_per_s if saturated else None, offline_samples_per_s)
     if saturated:
         offline = f"; Offline measured {offline_samples_per_s:.3g} samples/s" if offline_samples_per_s else ""
+        queue, ttft = evidence.get("engine_queue_mean_ms"), evidence.get("engine_ttft_mean_ms")
+        split = (
+            f"; the engine's mean TTFT {ttft / 1e3:.3g} s, of which {queue / 1e3:.3g} s in its queue"
+            if isinstance(queue, float) and isinstance(ttft, float) and ttft > 0
+            else ""
+        )
+        done = (
+            f"; it completed {result.samples_per_s:.3g} samples/s of the {target:.3g} QPS scheduled"
+            if result.samples_per_s and target
+            else ""
+        )
         return Diagnosis(
             verdict=(
                 f"engine saturated: requests waited in the engine queue {share:.0%} of the run"
                 + (f" ({what})" if what else "")
+                + split
+                + done
                 + offline
             ),
             next_step="try --harness-find-capacity"
@@ -126,7 +139,8 @@ def _ms(seconds: Any) -> float | None:
     return round(float(seconds) * 1e3, 3) if isinstance(seconds, (int, float)) else None
 
 
-def _suggest(target: float | None, offline: float | None) -> float | None:
-    if target:
-        return SUGGESTED_SHARE * target
-    return SUGGESTED_SHARE * offline if offline else None
+def _suggest(target: float | None, completed: float | None, offline: float | None) -> float | None:
+    """A share of the lowest of: the load that failed, what a saturated engine completed per second
+    (its throughput at this load: nothing above it can be sustained) and the Offline throughput."""
+    bounds = [x for x in (target, completed, offline) if x]
+    return SUGGESTED_SHARE * min(bounds) if bounds else None
