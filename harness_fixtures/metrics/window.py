@@ -46,7 +46,7 @@ def engine_window(before: str, after: str) -> EngineWindow:
         h = state.histogram_summary(name)
         if h:
             hists[name.removesuffix("_s")] = HistogramWindow(
-                count=h["count"], mean=h.get("mean"), p50=h.get("p50"), p99=h.get("p99")
+                count=h["count"], mean=_us(h.get("mean")), p50=_us(h.get("p50")), p99=_us(h.get("p99"))
             )
     return EngineWindow(
         generation_tokens=state.delta("generation_tokens"),
@@ -55,6 +55,11 @@ def engine_window(before: str, after: str) -> EngineWindow:
         preemptions=state.delta("preemptions"),
         histograms=hists,
     )
+
+
+def _us(seconds: float | None) -> float | None:
+    """Seconds to the microsecond: finer than any engine's histogram buckets resolve."""
+    return None if seconds is None else round(seconds, 6)
 
 
 def gauges_over(
@@ -68,6 +73,6 @@ def gauges_over(
     return window.model_copy(
         update={
             "waiting_share": round(sum(v > 0 for v in waiting) / len(waiting), 4) if waiting else None,
-            "kv_cache_peak": max(kv) if kv else None,
+            "kv_cache_peak": round(max(kv), 4) if kv else None,
         }
     )
