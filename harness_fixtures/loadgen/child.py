@@ -7,16 +7,15 @@ Ctrl-C reaches pytest only and the parent stops the child's whole group itself.
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..results import Status
+from ..results import Status, write_json
 from ..servers.base import Endpoint
-from ..servers.process import stop_process_group
+from ..servers.process import start_process, stop_process_group
 from .spec import RunSpec
 
 log = logging.getLogger("harness_fixtures.loadgen")
@@ -49,23 +48,22 @@ def run_child(
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "run_spec.json"
-    spec_path.write_text(spec.model_dump_json(indent=1))
+    write_json(spec_path, spec.model_dump(mode="json"))
     status: Status | None = None
     reason: str | None = None
     t0 = time.monotonic()
-    with (out / "harness.log").open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness_fixtures.loadgen.runner", str(spec_path)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches pytest only; we stop the child ourselves
-        )
+    # Its own process group (Ctrl-C reaches pytest only; we stop the child ourselves), dying with us.
+    proc = start_process(
+        [sys.executable, "-m", "harness_fixtures.loadgen.runner", str(spec_path)],
+        None,
+        out / "harness.log",
+        role="loadgen runner",
+    )
     engine_dead_since: float | None = None
-    if on_start is not None:
-        on_start(proc.pid)
     next_tick = t0
     try:
+        if on_start is not None:
+            on_start(proc.pid)
         while proc.poll() is None:
             now = time.monotonic()
             if on_tick is not None and now >= next_tick:

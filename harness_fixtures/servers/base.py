@@ -97,7 +97,7 @@ def wait_healthy(
             else:
                 r = requests.get(base_url + "/v1/models", timeout=5, headers=headers)
                 if r.status_code == 200:
-                    names = [m.get("id") for m in r.json().get("data", [])]
+                    names = _model_ids(r, base_url)
                     if served_model in names:
                         return
                     raise EngineError(
@@ -113,6 +113,21 @@ def wait_healthy(
                 f"if it is just slow; last log lines ({log_path}):\n{log_tail(log_path)}"
             )
         time.sleep(0.25)
+
+
+def _model_ids(r: requests.Response, base_url: str) -> list[Any]:
+    """The ids of a ``/v1/models`` answer; EngineError when it is not an OpenAI model list."""
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
+        raise EngineError(
+            f"{base_url}/v1/models answered {r.text[:200]!r}, not an OpenAI model list "
+            '({"data": [{"id": ...}, ...]}); is this an OpenAI-compatible server, and the right URL?'
+        )
+    return [m.get("id") for m in data]
 
 
 def fetch_version(base_url: str, headers: dict[str, str] | None = None) -> str | None:
