@@ -95,8 +95,8 @@ class ProcessLauncher:
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, log_path: Path | None, grace_s: float) -> int | None:
-    """Stop the engine's group, then hide any secret the engine printed in its log (vLLM prints its
-    non-default arguments)."""
+    """Stop the engine's group, then hide any secret the engine printed in its log (an argparse
+    error echoes the arguments; vLLM logs its non-default ones, masking only api_key and hf_token)."""
     try:
         return stop_process_group(proc, grace_s)
     finally:

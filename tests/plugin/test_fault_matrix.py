@@ -19,6 +19,14 @@
 | security: engines bind loopback | test_engines_bind_loopback |
 | security: no secret in any written file | test_mlflow_unreachable_and_no_secret_written |
 | security: safe_load only, no shell=True | test_no_unsafe_yaml_or_shell |
+| SIGINT / SIGTERM while the engine starts | test_signal_while_the_engine_starts_stops_it |
+| SIGKILL of pytest; the next session cleans up | test_sigkill_of_pytest_then_the_next_session_cleans_up |
+| /v1/models not a model list | test_a_models_answer_that_is_not_a_model_list_fails_cleanly |
+| planted secrets | test_planted_secrets_reach_no_file_log_or_terminal |
+| bad threshold/baseline values, user.conf model names | test_bad_input_is_named_and_starts_no_engine |
+| bad dataset contents | test_bad_dataset_contents_fail_their_test_by_name_and_start_no_engine |
+| gating / telemetry / metadata failing after the run | test_a_failure_after_the_run_still_writes_every_file |
+| saving the baseline fails at the end | test_save_baseline_failing_at_the_end_keeps_the_session |
 
 Runs are pytester subprocesses of a throwaway project (tests/conftest.py), so LoadGen children,
 engine process groups and signal handlers stay out of this process.
