@@ -66,6 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Every option, file and case is read and checked here, once: a bad one is a usage error before
     any engine starts."""
     config.addinivalue_line("markers", "harness_benchmark: a LoadGen benchmark test of the harness")
+    redaction.protect_loggers()
     try:
         options = HarnessOptions.build(_raw(config), config.invocation_params.dir, config.rootpath)
         suite = Suite(

@@ -164,9 +164,13 @@ def text(value: str, extra: Iterable[str | None] = ()) -> str:
     """Any text bound for a file, a log, the terminal or MLflow, with every secret → ``***``."""
     if not value:
         return value
-    out = value
     values = {*known_values(), *(v for v in extra if v and _searchable(v))}
-    for secret in sorted(values, key=len, reverse=True):
+    return _text(value, sorted(values, key=len, reverse=True))
+
+
+def _text(value: str, secrets: list[str]) -> str:
+    out = value
+    for secret in secrets:  # longest first: no partial leftovers
         if secret in out:
             out = out.replace(secret, REDACTED)
     out = scrub_url(out)
@@ -216,13 +220,18 @@ def _value(v: Any) -> Any:
 
 def data(obj: Any) -> Any:
     """A JSON-like structure with every string passed through :func:`text` (keys are kept)."""
-    if isinstance(obj, str):
-        return text(obj)
-    if isinstance(obj, Mapping):
-        return {k: data(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [data(v) for v in obj]
-    return obj
+    secrets = known_values()  # once for the whole structure
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, str):
+            return _text(o, secrets) if o else o
+        if isinstance(o, Mapping):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(obj)
 
 
 def case_secrets(engine: Mapping[str, Any]) -> list[str]:

@@ -86,6 +86,9 @@ def run_child(
         # Ctrl-C / SIGTERM: stop LoadGen, keep what it measured, and let the caller report it.
         stop_process_group(proc, CHILD_STOP_GRACE_S)
         raise
+    # It ended by itself (or was stopped above): sweep what is left of its group (client workers)
+    # and take it off the session's pidfile.
+    stop_process_group(proc, CHILD_STOP_GRACE_S)
     alive = endpoint.alive()
     if not alive:
         status = "ERROR"

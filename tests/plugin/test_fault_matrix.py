@@ -1102,6 +1102,7 @@ def test_a_failure_after_the_run_still_writes_every_file(harness_project: Harnes
     assert r.tokens_per_s and r.queries.completed > 0  # nothing measured is lost
     assert (session / "a_offline" / "metadata.yaml").is_file() and (session / "session.yaml").is_file()
     assert "RuntimeError" in (session / "a_offline" / "harness.log").read_text()  # the traceback
+    assert not (session / "pids").exists()  # a session that ended cleanly leaves no pidfile
 
 
 SAVE_FOLDER_GONE_CONFTEST = """
