@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 REDACTED = "***"
-MIN_VALUE_LEN = 4
+MIN_VALUE_LEN = 6
 SECRET_WORDS = frozenset(
     {
         "key",
@@ -39,7 +39,6 @@ SECRET_WORDS = frozenset(
         "secret",
         "password",
         "passwd",
-        "pwd",
         "passphrase",
         "credential",
         "credentials",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..results import Status, write_json
+from ..results import Status, write_text_atomic
 from ..servers.base import Endpoint
 from ..servers.process import start_process, stop_process_group
 from .spec import RunSpec
@@ -48,7 +48,9 @@ def run_child(
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "run_spec.json"
-    write_json(spec_path, spec.model_dump(mode="json"))
+    # The child's input: written as is (no secrets by construction: the API key travels by the
+    # NAME of its variable, the URL without userinfo), so no redaction can change a path in it.
+    write_text_atomic(spec_path, spec.model_dump_json(indent=1))
     status: Status | None = None
     reason: str | None = None
     t0 = time.monotonic()

@@ -57,6 +57,7 @@ def test_secret_names(name: str) -> None:
         "eos_token",
         "first_token_in_complete",
         "--host",
+        "PWD",  # the working directory, not a password
     ],
 )
 def test_not_secret_names(name: str) -> None:
@@ -83,9 +84,9 @@ def test_flag_forms_and_assignments_in_text() -> None:
 def test_registered_values_and_secret_env_values_are_hidden_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOME_SERVICE_TOKEN", "env-secret-value")
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "true")  # plainly not a secret: not searched
-    redaction.add_secrets(["registered-secret", "ab", None])  # too short to search for: ignored
-    out = redaction.text("a registered-secret and env-secret-value; it is true; ab")
-    assert out == "a *** and ***; it is true; ab"
+    redaction.add_secrets(["registered-secret", "abcde", None])  # too short to search for: ignored
+    out = redaction.text("a registered-secret and env-secret-value; it is true; abcde")
+    assert out == "a *** and ***; it is true; abcde"
 
 
 def test_argv_both_forms_and_bool_flags_do_not_swallow_the_next_flag() -> None:
