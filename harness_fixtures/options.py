@@ -287,3 +287,18 @@ def check_output_root(root: Path) -> None:
         raise OptionError(f"output dir {str(root)!r} {what}is not a directory; {fix}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OptionError(f"output dir {str(root)!r} {what}is not writable; {fix}")
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """OptionError unless a file can be written at ``path`` (its folder exists or can be created,
+    and is writable; ``path`` is not a folder); creates nothing."""
+    fix = f"pass {option} a file path in a writable folder"
+    if path.is_dir():
+        raise OptionError(f"{option} {str(path)!r} is a directory; {fix}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptionError(f"{option} {str(path)!r}: {str(existing)!r} is not a directory; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OptionError(f"{option} {str(path)!r} is not writable; {fix}")

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import redaction
 from .accuracy.run import AccuracyRunError, score_run
 from .client.httpconfig import HttpConfig
 from .client.payload import PROFILES, PayloadError, RequestProfile, token_source
 from .client.requestlog import client_stats, read_requests
 from .config import BenchmarkCase, PlannedRun
-from .dataset import Dataset, DatasetError, load_dataset
+from .dataset import Dataset, DatasetError, DatasetMissing, load_dataset, vocab_size
 from .diagnosis import diagnose
 from .environment import capture as capture_environment
-from .environment import redact_argv, scrub_url_credentials
 from .gating import (
     Baseline,
     apply_overrides,
@@ -67,7 +67,7 @@ from .loadgen.sizing import (
     usable_offline_measurement,
 )
 from .loadgen.spec import RunSpec
-from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf
+from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf, unknown_models
 from .metrics.plots import LatencyMarks, RunWindow, write_capacity_plot
 from .metrics.telemetry import RunTelemetry
 from .metrics.window import gauges_over
@@ -139,11 +139,37 @@ class Suite:
         """Headers, proxies and TLS for every request of the session (stream, health, /metrics)."""
         if self.http is None:
             self.http = HttpConfig.from_options(self.options)
+            redaction.add_secrets(self.http.secret_values())  # env: header values, never written
         return self.http
+
+    def __post_init__(self) -> None:
+        o = self.options
+        redaction.add_secrets(
+            [o.api_key(), redaction.url_password(o.server_url), redaction.url_password(o.mlflow_uri)]
+        )
 
     def secrets(self) -> list[str]:
         key = self.options.api_key()
         return ([key] if key else []) + self.http_config().secret_values()
+
+    def check_user_confs(self, cases: list[BenchmarkCase]) -> None:
+        """Parse every user.conf the cases use and check its model names against theirs.
+
+        :raises UserConfError: a bad line, or a line for a LoadGen model name no case using the file
+            has (LoadGen would ignore it: a typo there silently runs with other settings).
+        """
+        users: dict[Path, set[str]] = {}
+        for case in cases:
+            path = case.resolve(case.user_conf) if case.user_conf else self.options.user_conf
+            if path is not None and path.is_file():
+                users.setdefault(path, set()).update(case.loadgen_model.values())
+        errors = []
+        for path, names in users.items():
+            if path not in self._user_confs:
+                self._user_confs[path] = parse_user_conf(path)
+            errors += unknown_models(path, self._user_confs[path], names)
+        if errors:
+            raise UserConfError("\n".join(errors))
 
     def user_conf(self, case: BenchmarkCase) -> tuple[Path, list[ConfEntry]]:
         """The case's user.conf (its own, else the suite's), parsed once per session.
@@ -189,8 +215,11 @@ def run_test(
     :raises RunInterrupted: on Ctrl-C / SIGTERM, after LoadGen was stopped; carries the outcome.
     """
     test_dir.mkdir(parents=True, exist_ok=True)
+    redaction.add_secrets(redaction.case_secrets(planned.case.engine.model_dump()))
+    redaction.protect_loggers()  # every harness log line, in harness.log and pytest's captured logs
     handler = logging.FileHandler(test_dir / "harness.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(redaction.RedactingFilter())  # records of other loggers handled here too
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
@@ -222,15 +251,34 @@ class _TestRun:
 
     # -- the steps -------------------------------------------------------------------------------
     def execute(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
+        """The steps, with a result whatever happens: an unexpected error is an ERROR result."""
+        try:
+            return self._steps(get_endpoint)
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:
+            # Outside a LoadGen run (engine start, a probe's set-up): nothing measured to keep.
+            raise RunInterrupted(
+                self._error("interrupted (Ctrl-C or SIGTERM) before LoadGen ran", status="INTERRUPTED")
+            ) from None
+        except Exception as exc:
+            log.exception("%s: unexpected error", self.p.test_id)
+            return self._error(
+                f"harness error: {type(exc).__name__}: {exc} (traceback in {self.test_dir / 'harness.log'})"
+            )
+
+    def _steps(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
         try:
             user_conf, entries = self.suite.user_conf(self.case)
         except UserConfError as exc:
             return self._error(str(exc))
         dataset_path = self.case.resolve(self.case.dataset.path)
         try:
-            dataset = load_dataset(self.case.dataset, dataset_path)  # before any engine starts
+            # Before any engine starts; token ids are checked against the model's vocabulary when
+            # its files are here.
+            dataset = load_dataset(self.case.dataset, dataset_path, vocab=_vocab(self.case))
         except DatasetError as exc:
-            return self._error(str(exc), skippable=True)
+            return self._error(str(exc), skippable=isinstance(exc, DatasetMissing))
         problem = self._token_count_problem(
             PROFILES.get(self.case.engine.request_profile or self.case.engine.kind)
         )
@@ -240,6 +288,14 @@ class _TestRun:
             self.endpoint = get_endpoint()
         except EngineError as exc:
             return self._error(str(exc))
+        except KeyboardInterrupt:
+            # The launcher has stopped the engine it was starting; say so in result.yaml.
+            raise RunInterrupted(
+                self._error(
+                    "interrupted (Ctrl-C or SIGTERM) while the engine was starting; the engine was stopped",
+                    status="INTERRUPTED",
+                )
+            ) from None
         problem = self._token_count_problem(self.endpoint.request_profile)
         if problem:
             return self._error(problem)
@@ -531,6 +587,7 @@ class _TestRun:
             loadgen_scenario=self.p.loadgen_scenario,
             mode=self.p.mode,
             client=ClientSpec(
+                # run_spec.json is a file: no credentials in it (they travel by environment)
                 base_url=server.display,
                 served_model=self.endpoint.served_model,
                 generation=self.case.generation,
@@ -625,8 +682,7 @@ class _TestRun:
         """The result of one LoadGen run from what it left on disk, each file read once."""
         out = Path(spec.out_dir)
         requests = read_requests(out / "requests.jsonl")
-        client_path = out / "client.json"
-        client: dict[str, Any] = json.loads(client_path.read_text()) if client_path.is_file() else {}
+        client, client_problem = _read_client_json(out / "client.json")
         failed = [r for r in requests if r.get("status") != "ok"]
         counts = QueryCounts(
             issued=client.get("issued", len(requests)),
@@ -661,6 +717,10 @@ class _TestRun:
                 f"LoadGen run ended without a result (runner exit code {child.returncode}); see "
                 f"{out / 'harness.log'}"
             )
+        if status in FINISHED and client_problem is not None:
+            # LoadGen judged the run, but the output checks and client numbers live in client.json:
+            # without them the run cannot be gated. Its measured numbers are kept.
+            status, reason = "ERROR", f"{client_problem}; LoadGen's verdict was {status}"
         window = RunWindow.of(client)
         tel = TelemetryResult()
         if telemetry is not None:
@@ -668,7 +728,14 @@ class _TestRun:
             if lg is not None:
                 limits, pct = lg.latency_limits()
                 marks = LatencyMarks(limits, pct, lg.ttft_ms, lg.tpot_ms)
-            tel = telemetry.finish(out, requests, counts.output_tokens, marks, window)
+            try:
+                tel = telemetry.finish(out, requests, counts.output_tokens, marks, window)
+            except Exception as exc:
+                log.exception("%s: telemetry failed", self.p.test_id)
+                tel = TelemetryResult(status=f"failed: {type(exc).__name__}: {exc}")
+                if status in FINISHED:
+                    why = f"telemetry failed ({type(exc).__name__}: {exc}); see harness.log"
+                    status, reason = "ERROR", f"{why}; LoadGen's verdict was {status}"
         engine = EngineWindow.model_validate(client["engine_window"]) if client.get("engine_window") else None
         if engine is not None and telemetry is not None and window.loadgen is not None:
             engine = gauges_over(engine, telemetry.samples(), *window.loadgen)
@@ -739,7 +806,7 @@ class _TestRun:
             return AccuracyResult(error=str(exc))
 
     # -- metadata and gate -------------------------------------------------------------------------
-    def _error(self, reason: str, skippable: bool = False) -> Outcome:
+    def _error(self, reason: str, skippable: bool = False, status: Status = "ERROR") -> Outcome:
         """A test that could not run: still a result, like any other failed test."""
         result = BenchmarkResult(
             test_id=self.p.test_id,
@@ -747,7 +814,7 @@ class _TestRun:
             scenario=self.p.scenario,
             mode=self.p.mode,
             loadgen_model=self.p.loadgen_model,
-            status="ERROR",
+            status=status,
             reason=reason,
             paths={"test_dir": str(self.test_dir)},
         )
@@ -756,9 +823,23 @@ class _TestRun:
         return outcome
 
     def _finish(self, result: BenchmarkResult) -> Outcome:
+        """Metadata and gate, then one redaction of both; a failure in either is an ERROR result that
+        keeps every measured number, never a lost one."""
         result = result.model_copy(update={"capacity": self._capacity})
-        metadata = self._metadata(result)
-        gate, baseline, client_bound = self._gate(result, metadata)
+        try:
+            metadata = self._metadata(result)
+        except Exception as exc:
+            log.exception("%s: metadata failed", self.p.test_id)
+            result = _errored(result, f"metadata failed: {type(exc).__name__}: {exc}")
+            metadata = self._bare_metadata(result)
+        try:
+            gate, baseline, client_bound = self._gate(result, metadata)
+        except Exception as exc:
+            log.exception("%s: gating failed", self.p.test_id)
+            why = f"gating failed: {type(exc).__name__}: {exc}"
+            result = _errored(result, why)
+            gate = [Violation.make("gate", "not evaluated", "evaluated", "must_equal", "gate", why)]
+            baseline, client_bound = None, []
         client = result.client.model_copy(update={"client_bound": client_bound})
         diagnosis = None
         if self.p.mode == "performance" and (result.status == "INVALID" or client_bound):
@@ -773,7 +854,27 @@ class _TestRun:
         final = result.model_copy(
             update={"gate": gate, "baseline": baseline, "client": client, "diagnosis": diagnosis}
         )
-        return Outcome(final, metadata)
+        return Outcome(
+            BenchmarkResult.model_validate(redaction.data(final.model_dump(mode="json"))),
+            Metadata.model_validate(redaction.data(metadata.model_dump(mode="json"))),
+        )
+
+    def _bare_metadata(self, result: BenchmarkResult) -> Metadata:
+        """Enough metadata to write the result files when the full one could not be built."""
+        return Metadata(
+            test_id=result.test_id,
+            nodeid=self.nodeid,
+            case={"name": self.case.name},
+            scenario=self.p.scenario,
+            mode=self.p.mode,
+            started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
+            finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
+            outputs={
+                "test_dir": str(self.test_dir),
+                "result": str(self.test_dir / "result.yaml"),
+                "metadata": str(self.test_dir / "metadata.yaml"),
+            },
+        )
 
     def _metadata(self, result: BenchmarkResult) -> Metadata:
         secrets = self.suite.secrets()
@@ -782,10 +883,10 @@ class _TestRun:
         if ep is not None:
             engine = EngineInfo(
                 kind=ep.kind,
-                base_url=scrub_url_credentials(ep.base_url),
+                base_url=redaction.scrub_url(ep.base_url),
                 served_model=ep.served_model,
                 version=ep.version,
-                argv=redact_argv(ep.argv, secrets),
+                argv=redaction.argv(ep.argv, secrets),
                 log=str(ep.log_path) if ep.log_path else None,
                 pid=ep.pid,
                 start_s=ep.info.get("start_s"),
@@ -795,12 +896,12 @@ class _TestRun:
         data: dict[str, Any] = Metadata(
             test_id=result.test_id,
             nodeid=self.nodeid,
-            case=self.case.model_dump(mode="json"),
+            case=_redacted_case(self.case),
             scenario=self.p.scenario,
             mode=self.p.mode,
             engine=engine,
             run_spec=json.loads(self.spec.model_dump_json()) if self.spec is not None else {},
-            command_line=redact_argv(self.suite.command_line, secrets),
+            command_line=redaction.argv(self.suite.command_line, secrets),
             cwd=str(self.suite.cwd),
             started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
             finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -812,7 +913,7 @@ class _TestRun:
                 **result.paths,
             },
             mlflow=(
-                {"tracking_uri": scrub_url_credentials(o.mlflow_uri), "experiment_name": o.mlflow_experiment}
+                {"tracking_uri": redaction.scrub_url(o.mlflow_uri), "experiment_name": o.mlflow_experiment}
                 if o.mlflow_uri
                 else None
             ),
@@ -869,6 +970,45 @@ class _TestRun:
 
 class _SizingFailed(Exception):
     pass
+
+
+def _errored(result: BenchmarkResult, why: str) -> BenchmarkResult:
+    """The same measurements, with status ERROR and why (appended to any earlier reason)."""
+    reason = f"{why}; earlier: {result.status}" + (f" ({result.reason})" if result.reason else "")
+    return result.model_copy(update={"status": "ERROR", "reason": reason})
+
+
+def _redacted_case(case: BenchmarkCase) -> dict[str, Any]:
+    """The case for metadata.yaml: the engine's secret-looking env values and args hidden."""
+    data = case.model_dump(mode="json")
+    engine = data["engine"]
+    engine["env"] = redaction.env(engine.get("env") or {})
+    engine["args"] = redaction.engine_args(engine.get("args") or {})
+    return data
+
+
+def _read_client_json(path: Path) -> tuple[dict[str, Any], str | None]:
+    """client.json's summary, or ({}, why not). Written atomically by the runner, so a torn file
+    means something else wrote it; either way the counts then come from requests.jsonl."""
+    if not path.is_file():
+        return {}, f"the LoadGen runner left no {path.name} (output checks and client numbers)"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {}, f"{path} is unreadable ({exc})"
+    if not isinstance(data, dict):
+        return {}, f"{path} holds {type(data).__name__}, not the runner's summary"
+    return data, None
+
+
+def _vocab(case: BenchmarkCase) -> tuple[int, str] | None:
+    """(vocabulary size, where it was read) of the case's model when its files are here."""
+    from .accuracy.run import AccuracyRunError, tokenizer_dir
+
+    try:
+        return vocab_size(tokenizer_dir(case))
+    except (AccuracyRunError, OSError):
+        return None
 
 
 def _number(v: Any) -> float | None:

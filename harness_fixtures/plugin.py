@@ -18,18 +18,19 @@ from typing import Any, Literal
 
 import pytest
 
-from . import hookspecs
+from . import hookspecs, redaction
 from .client.httpconfig import HttpConfig, ServerUrl
 from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs
 from .gating import GateError, load_threshold_overrides
 from .loadgen.userconf import UserConfError, parse_user_conf
-from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root
+from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root, check_writable_file
 from .pipeline import Events, Outcome, ProgressTick, RunInterrupted, Suite, run_test
 from .progress import RunProgress
 from .reporting import RESULT_PROP, STATE, HarnessState, register_reporters, session_dir, write_test_files
 from .results import BenchmarkResult
 from .servers import Endpoint, EngineError
 from .servers.manager import EngineManager
+from .servers.process import OWNED
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -69,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Every option, file and case is read and checked here, once: a bad one is a usage error before
     any engine starts."""
     config.addinivalue_line("markers", "harness_benchmark: a LoadGen benchmark test of the harness")
+    redaction.protect_loggers()
     try:
         options = HarnessOptions.build(_raw(config), config.invocation_params.dir, config.rootpath)
         suite = Suite(
@@ -87,16 +89,27 @@ def pytest_configure(config: pytest.Config) -> None:
             state.cases = load_cases(options.models_dir)
         if options.user_conf is not None and (options.user_conf.is_file() or options.user_conf_explicit):
             parse_user_conf(options.user_conf)
+        if state.cases is not None:
+            for case in state.cases:  # hidden from every file, log and terminal line from now on
+                redaction.add_secrets(redaction.case_secrets(case.engine.model_dump()))
+            suite.check_user_confs(state.cases)  # every line's model name is one a case uses
         if options.thresholds is not None:
             from .config import Thresholds
 
+            names = None
+            if state.cases is not None:
+                names = {c.name for c in state.cases} | {
+                    r.test_id for c in state.cases for r in plan_runs(c, options.mode)
+                }
             suite.threshold_overrides = load_threshold_overrides(
-                options.thresholds, set(Thresholds.model_fields)
+                options.thresholds, set(Thresholds.model_fields), names
             )
         if options.baseline is not None:
             from .gating import Baseline
 
             suite.baseline = Baseline.load(options.baseline)
+        if options.save_baseline is not None:
+            check_writable_file(options.save_baseline, "--harness-save-baseline")
         if options.output_dir_explicit and not hasattr(config, "workerinput"):
             check_output_root(options.output_dir)  # ini values: once harness tests are selected
     except (OptionError, ConfigError, UserConfError, GateError) as exc:
@@ -105,6 +118,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         sd = config.workerinput.get("harness_session_dir")
         state.session_dir = Path(sd) if sd else None
+        OWNED.track_in(state.session_dir)  # this worker's own pidfile in the controller's folder
     else:
         register_reporters(config, state)
 
@@ -149,6 +163,7 @@ class TerminalEvents(Events):
         return capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
 
     def message(self, text: str) -> None:
+        text = redaction.text(text)
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is None or hasattr(self.config, "workerinput"):
             super().message(text)
@@ -244,7 +259,7 @@ def harness_engine(
     try:
         return harness_engines.get(harness_case, engine_dir)
     except EngineError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        pytest.fail(redaction.text(str(exc)), pytrace=False)
 
 
 class HarnessBenchmark:

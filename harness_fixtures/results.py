@@ -2,18 +2,22 @@
 
 Every file carries ``schema_version``; tools read results through :meth:`BenchmarkResult.load`,
 :meth:`Metadata.load` and :meth:`SessionFile.load`. Writes are atomic (a temporary file, fsync, rename),
-so a reader or a crash never sees half a file.
+so a reader or a crash never sees half a file, and pass through the one redaction
+(:mod:`harness_fixtures.redaction`), so no secret reaches a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from . import redaction
 
 SCHEMA_VERSION = 2
 
@@ -377,9 +381,19 @@ class SessionFile(_Model):
 
 
 def write_yaml(path: Path, data: Any) -> None:
-    """Write atomically and durably: a temporary file beside it, fsync, rename; no leftover on failure."""
+    """Write atomically and durably, with every secret hidden (:mod:`harness_fixtures.redaction`)."""
+    write_text_atomic(path, yaml.safe_dump(redaction.data(data), sort_keys=False, allow_unicode=True))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """As :func:`write_yaml`, as JSON (client.json, run_spec.json)."""
+    write_text_atomic(path, json.dumps(redaction.data(data), indent=1))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A temporary file beside ``path``, fsync, rename: a reader or a crash never sees half a file,
+    and a failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     try:
         with tmp.open("w", encoding="utf-8") as fh:
             fh.write(text)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..results import Status
+from ..results import Status, write_text_atomic
 from ..servers.base import Endpoint
-from ..servers.process import stop_process_group
+from ..servers.process import start_process, stop_process_group
 from .spec import RunSpec
 
 log = logging.getLogger("harness_fixtures.loadgen")
@@ -53,24 +52,24 @@ def run_child(
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "run_spec.json"
-    spec_path.write_text(spec.model_dump_json(indent=1))
+    # The child's input: written as is (no secrets by construction: the API key travels by the
+    # NAME of its variable, the URL without userinfo), so no redaction can change a path in it.
+    write_text_atomic(spec_path, spec.model_dump_json(indent=1))
     status: Status | None = None
     reason: str | None = None
     t0 = time.monotonic()
-    with (out / "harness.log").open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness_fixtures.loadgen.runner", str(spec_path)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env} if env else None,
-            start_new_session=True,  # Ctrl-C reaches pytest only; we stop the child ourselves
-        )
+    # Its own process group (Ctrl-C reaches pytest only; we stop the child ourselves), dying with us.
+    proc = start_process(
+        [sys.executable, "-m", "harness_fixtures.loadgen.runner", str(spec_path)],
+        {**os.environ, **env} if env else None,
+        out / "harness.log",
+        role="loadgen runner",
+    )
     engine_dead_since: float | None = None
-    if on_start is not None:
-        on_start(proc.pid)
     next_tick = t0
     try:
+        if on_start is not None:
+            on_start(proc.pid)
         while proc.poll() is None:
             now = time.monotonic()
             if on_tick is not None and now >= next_tick:
@@ -93,6 +92,9 @@ def run_child(
         # Ctrl-C / SIGTERM: stop LoadGen, keep what it measured, and let the caller report it.
         stop_process_group(proc, CHILD_STOP_GRACE_S)
         raise
+    # It ended by itself (or was stopped above): sweep what is left of its group (client workers)
+    # and take it off the session's pidfile.
+    stop_process_group(proc, CHILD_STOP_GRACE_S)
     alive = endpoint.alive()
     if not alive:
         status = "ERROR"

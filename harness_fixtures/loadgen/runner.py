@@ -11,7 +11,6 @@ appended as requests finish so an interrupted run keeps what it measured) and ``
 from __future__ import annotations
 
 import array
-import json
 import os
 import signal
 import sys
@@ -28,6 +27,7 @@ from ..client.requestlog import RequestLogWriter
 from ..client.sizing import auto_workers, prewarm_connections
 from ..client.streaming import RequestRecord, StreamingClient
 from ..metrics.window import engine_window, fetch_metrics_text
+from ..results import write_json
 from .spec import RunSpec
 
 
@@ -258,7 +258,7 @@ def run(spec: RunSpec) -> int:
         summary["cpu_pct_total"] = round(cpu_stats["cpu_pct"] + sum(w.get("cpu_pct", 0) for w in stats), 1)
         fractions = [cpu_stats["cpu_bound_fraction"], *(w.get("cpu_bound_fraction") for w in stats)]
         summary["cpu_bound_fraction"] = max((f for f in fractions if f is not None), default=None)
-    (out / "client.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "client.json", summary)  # atomic: the parent never reads half a file
     return 0
 
 
@@ -298,7 +298,7 @@ def _keep_results_on_sigterm(
                 "first_error": client.first_error or (error if pending else None),
                 "stopped_by": "SIGTERM",
             }
-            (out / "client.json").write_text(json.dumps(summary, indent=1))
+            write_json(out / "client.json", summary)
         finally:
             os._exit(128 + signal.SIGTERM)
 

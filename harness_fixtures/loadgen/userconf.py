@@ -158,3 +158,23 @@ def lookup(entries: list[ConfEntry], model: str, scenario: str, key: str) -> str
         if found:
             return found[-1]
     return None
+
+
+def unknown_models(path: Path, entries: list[ConfEntry], names: set[str]) -> list[str]:
+    """Lines for a LoadGen model name that none of ``names`` (the cases using the file) is.
+
+    LoadGen ignores them, so a typo in the model part silently runs with other settings; one
+    ``file:line: what and fix`` message per line.
+    """
+    errors = []
+    for e in entries:
+        if e.model == "*" or e.model in names:
+            continue
+        hint = difflib.get_close_matches(e.model, sorted(names), n=1)
+        fix = f"did you mean {hint[0]!r}? " if hint else ""
+        errors.append(
+            f"{path}:{e.line}: model {e.model!r} is not the LoadGen model name of any case using this "
+            f"file ({', '.join(sorted(names))}); {fix}LoadGen would ignore the line: fix the name, use "
+            "'*', or remove the line"
+        )
+    return errors

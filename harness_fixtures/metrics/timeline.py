@@ -9,10 +9,12 @@ it with `pd.read_csv(path, comment="#")`.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from ..results import write_text_atomic
 from ..stats import describe
 
 __all__ = ["SCHEMA_VERSION", "Sample", "Timeline", "read_timeline", "summarize", "write_timeline"]
@@ -41,13 +43,14 @@ def write_timeline(path: Path | str, samples: Iterable[Sample], t0_unix_s: float
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted(samples, key=lambda s: (s.t_s, s.source, s.series))
     t0 = "" if t0_unix_s is None else f"{t0_unix_s:.6f}"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        f.write(f"# schema_version={SCHEMA_VERSION} t0_unix_s={t0}\n")
-        w = csv.writer(f)
-        w.writerow(_COLUMNS)
-        for s in rows:
-            # repr-exact floats: a round trip returns the same numbers.
-            w.writerow([repr(float(s.t_s)), s.source, s.series, repr(float(s.value))])
+    f = io.StringIO(newline="")
+    f.write(f"# schema_version={SCHEMA_VERSION} t0_unix_s={t0}\n")
+    w = csv.writer(f)
+    w.writerow(_COLUMNS)
+    for s in rows:
+        # repr-exact floats: a round trip returns the same numbers.
+        w.writerow([repr(float(s.t_s)), s.source, s.series, repr(float(s.value))])
+    write_text_atomic(path, f.getvalue())  # a result file: never half written
     return path
 
 

@@ -15,10 +15,19 @@ from typing import Any
 
 import yaml
 
+from .. import redaction
 from ..client.httpconfig import HttpConfigError, ServerUrl
 from ..client.payload import PROFILES, SGLANG, TRTLLM, VLLM, RequestProfile
 from .base import Endpoint, EngineError, LaunchContext, args_to_argv, fetch_version, log, wait_healthy
-from .process import ProcessStartError, free_port, start_process, stop_process_group
+from .process import (
+    ProcessStartError,
+    connect_host,
+    free_port,
+    log_tail,
+    scrub_file,
+    start_process,
+    stop_process_group,
+)
 
 PORT_RETRIES = 3
 
@@ -44,45 +53,50 @@ class ProcessLauncher:
         log_path = ctx.run_dir / "engine.log"
         headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
         for attempt in range(1, PORT_RETRIES + 1):
-            port = free_port(spec.host)
-            argv = self.build_argv(ctx, spec.host, port)
-            log.info("starting %s engine: %s", self.kind, " ".join(argv))
-            t0 = time.monotonic()
             try:
+                port = free_port(spec.host)
+                argv = self.build_argv(ctx, spec.host, port)
+                log.info("starting %s engine: %s", self.kind, " ".join(redaction.argv(argv)))
+                t0 = time.monotonic()
                 proc = start_process(argv, self.build_env(ctx), log_path)
             except ProcessStartError as exc:
                 raise EngineError(str(exc)) from None
-            host = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host
-            base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"  # IPv6 needs brackets
-            http = ctx.http_config()
-            ep = Endpoint(
-                self.kind,
-                base_url,
-                ctx.case.served_name,
-                argv,
-                log_path,
-                proc.pid,
-                process=proc,
-                headers=headers,
-                request_profile=PROFILES[spec.request_profile]
-                if spec.request_profile
-                else self.request_profile,
-            )
+            # The engine is ours from here: whatever happens until it is healthy (an error, an answer
+            # we cannot read, Ctrl-C or SIGTERM), it never outlives this call.
             try:
+                base_url = f"http://{connect_host(spec.host)}:{port}"
+                http = ctx.http_config()
+                ep = Endpoint(
+                    self.kind,
+                    base_url,
+                    ctx.case.served_name,
+                    argv,
+                    log_path,
+                    proc.pid,
+                    process=proc,
+                    headers=headers,
+                    request_profile=PROFILES[spec.request_profile]
+                    if spec.request_profile
+                    else self.request_profile,
+                )
                 ep.headers = http.headers_for(ep.server_url())
                 wait_healthy(proc, base_url, ep.served_model, log_path, spec.start_timeout_s, http)
                 ep.version = fetch_version(base_url, http)
             except EngineError as exc:
-                stop_process_group(proc, spec.stop_timeout_s)
+                _stop(proc, log_path, spec.stop_timeout_s)
                 # Another process can grab the port between our probe and the engine's bind.
                 if "address already in use" in str(exc).lower() and attempt < PORT_RETRIES:
                     log.warning("port %d was taken before the engine bound it; retrying", port)
                     continue
                 raise
+            except Exception as exc:
+                _stop(proc, log_path, spec.stop_timeout_s)
+                raise EngineError(
+                    f"engine start-up check failed ({type(exc).__name__}: {exc}); the engine was stopped; "
+                    f"last log lines ({log_path}):\n{log_tail(log_path)}"
+                ) from exc
             except BaseException:
-                # Ctrl-C, SIGTERM or any other failure while it starts: the engine is ours from the
-                # moment it was spawned, so it never outlives this call.
-                stop_process_group(proc, spec.stop_timeout_s)
+                _stop(proc, log_path, spec.stop_timeout_s)
                 raise
             ep.info["start_s"] = round(time.monotonic() - t0, 2)
             log.info("%s engine healthy at %s after %.1f s", self.kind, base_url, ep.info["start_s"])
@@ -90,8 +104,18 @@ class ProcessLauncher:
         raise EngineError("unreachable")  # pragma: no cover
 
     def stop(self, endpoint: Endpoint) -> None:
-        code = stop_process_group(endpoint.process, endpoint.info.get("stop_timeout_s", 20.0))
+        code = _stop(endpoint.process, endpoint.log_path, endpoint.info.get("stop_timeout_s", 20.0))
         endpoint.info["exit_code"] = code
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, log_path: Path | None, grace_s: float) -> int | None:
+    """Stop the engine's group, then hide any secret the engine printed in its log (an argparse
+    error echoes the arguments; vLLM logs its non-default ones, masking only api_key and hf_token)."""
+    try:
+        return stop_process_group(proc, grace_s)
+    finally:
+        if log_path is not None:
+            scrub_file(log_path)
 
 
 class SimLauncher(ProcessLauncher):

@@ -85,7 +85,7 @@ async def _serve(settings: SimSettings, host: str, port: int, served_model_name:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror}", 1)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGINT,) if settings.ignore_sigterm else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     scheme = "https" if tls else "http"
     print(
@@ -118,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = SimSettings.load(args.config, overrides)
     except SimSettingsError as exc:
         _fail(str(exc), 2)
+    if settings.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if settings.fail_start:
         _fail("fail_start is set: refusing to start (simulated engine start failure)", 3)
     if settings.startup_delay_s:

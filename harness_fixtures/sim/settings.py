@@ -121,6 +121,9 @@ class SimSettings(BaseModel):
         description="Streams send a different first token id than the answer's true first token "
         "(the non-streaming answer, the reference answer and /sim/requests' expected_first_token_id).",
     )
+    ignore_sigterm: bool = Field(
+        False, description="Ignore SIGTERM, as a stuck engine does: only SIGKILL stops the process."
+    )
     seed: int = Field(0, description="Seed of the RNG that picks which requests the *_rate faults hit.")
 
     # Transport: TLS and an Authorization check, as a remote deployment behind a gateway has.

@@ -27,6 +27,14 @@
 | stream: server ignores "stream" (plain JSON) | test_stream_plain_json_is_reported_as_such |
 | stream: bad Content-Length, kept-alive connection closed under a POST | tests/unit/test_client_http.py |
 | Offline queue wait longer than the request deadline | tests/e2e/test_client_deadlines.py |
+| SIGINT / SIGTERM while the engine starts | test_signal_while_the_engine_starts_stops_it |
+| SIGKILL of pytest; the next session cleans up | test_sigkill_of_pytest_then_the_next_session_cleans_up |
+| /v1/models not a model list | test_a_models_answer_that_is_not_a_model_list_fails_cleanly |
+| planted secrets | test_planted_secrets_reach_no_file_log_or_terminal |
+| bad threshold/baseline values, user.conf model names | test_bad_input_is_named_and_starts_no_engine |
+| bad dataset contents | test_bad_dataset_contents_fail_their_test_by_name_and_start_no_engine |
+| gating / telemetry / metadata failing after the run | test_a_failure_after_the_run_still_writes_every_file |
+| saving the baseline fails at the end | test_save_baseline_failing_at_the_end_keeps_the_session |
 
 Runs are pytester subprocesses of a throwaway project (tests/conftest.py), so LoadGen children,
 engine process groups and signal handlers stay out of this process.
@@ -665,6 +673,36 @@ def _bad_thresholds(p: HarnessProject) -> list[str]:
     return [f"*{path}: a: unknown threshold(s) [[]'max_ttft_p99_msec'[]]; known: *"]
 
 
+def _bad_threshold_value(p: HarnessProject) -> list[str]:
+    path = p.path / "thresholds.yaml"
+    path.write_text("a:\n  max_ttft_p99_ms: fast\n")
+    return [f"*{path}: a: max_ttft_p99_ms: Input should be a valid number*(got 'fast'); fix the value*"]
+
+
+def _unknown_threshold_name(p: HarnessProject) -> list[str]:
+    path = p.path / "thresholds.yaml"
+    path.write_text("a_ofline:\n  max_ttft_p99_ms: 100\n")
+    return [f"*{path}: 'a_ofline' is neither a case name nor a test id*did you mean 'a_offline'?*"]
+
+
+def _bad_baseline_metric(p: HarnessProject) -> list[str]:
+    path = p.path / "baseline.yaml"
+    path.write_text(
+        yaml.safe_dump({"created_utc": "x", "results": {"a_offline": {"metrics": {"tokens_per_s": "n/a"}}}})
+    )
+    return [f"*baseline '{path}' is unusable: results.a_offline.metrics.tokens_per_s is 'n/a', not a finite*"]
+
+
+def _unwritable_save_baseline(p: HarnessProject) -> list[str]:
+    (p.path / "blocker").write_text("a file, not a folder\n")
+    return [f"*--harness-save-baseline '{p.path}/blocker/b.yaml': '{p.path}/blocker' is not a directory*"]
+
+
+def _user_conf_unknown_model(p: HarnessProject) -> list[str]:
+    conf = p.user_conf("tiny.Offline.target_qps = 100\ntinny.Offline.min_duration = 200\n")
+    return [f"*{conf}:2: model 'tinny' is not the LoadGen model name of any case*did you mean 'tiny'?*"]
+
+
 BAD_INPUT: dict[str, tuple[Callable[[HarnessProject], list[str]], tuple[str, ...], bool]] = {
     # row → (make the project, extra pytest args, usage error (else a failed test))
     "bad_user_conf_line": (_bad_user_conf, (), True),
@@ -672,6 +710,15 @@ BAD_INPUT: dict[str, tuple[Callable[[HarnessProject], list[str]], tuple[str, ...
     "missing_dataset": (_missing_dataset, (), False),
     "wrong_columns": (_wrong_columns, (), False),
     "bad_thresholds_file": (_bad_thresholds, ("--harness-thresholds=thresholds.yaml",), True),
+    "bad_threshold_value": (_bad_threshold_value, ("--harness-thresholds=thresholds.yaml",), True),
+    "unknown_threshold_name": (_unknown_threshold_name, ("--harness-thresholds=thresholds.yaml",), True),
+    "bad_baseline_metric": (_bad_baseline_metric, ("--harness-baseline=baseline.yaml",), True),
+    "unwritable_save_baseline": (
+        _unwritable_save_baseline,
+        ("--harness-save-baseline=blocker/b.yaml",),
+        True,
+    ),
+    "user_conf_unknown_model": (_user_conf_unknown_model, (), True),
 }
 
 
@@ -848,3 +895,387 @@ def test_no_unsafe_yaml_or_shell() -> None:
         if bad.search(line)
     ]
     assert hits == []
+
+
+# -- trust: engines owned however pytest ends, no secret written, inputs checked, results kept ---------
+def _start_pytest(project: HarnessProject, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """pytest in a process group of its own (what is left of it is checked), output to a file."""
+    log_path = project.path / "pytest.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *DEADLINES, *args],
+            cwd=project.path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return proc, log_path
+
+
+def _child_with(proc: subprocess.Popen[bytes], needle: str) -> psutil.Process | None:
+    with contextlib.suppress(psutil.Error):
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if needle in " ".join(p.cmdline()):
+                    return p
+    return None
+
+
+def _gone(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_while_the_engine_starts_stops_it(
+    harness_project: HarnessProject, signum: signal.Signals
+) -> None:
+    """vLLM takes minutes to start, so Ctrl-C during the start is the common case: the engine (in a
+    session of its own, out of the terminal's reach) is stopped and the result says so."""
+    harness_project.model("slow", ("Offline",), sim={**TINY_SIM, "startup_delay_s": 120})
+    proc, log_path = _start_pytest(harness_project)
+    try:
+        engine = _wait_for(lambda: _child_with(proc, "harness_fixtures.sim"), 60, "the engine to be spawned")
+        time.sleep(0.5)  # well inside the engine's 120 s start
+        t0 = time.monotonic()
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 15, log_path.read_text()[-3000:]
+        assert _wait_for(lambda: _gone(engine), 5, "the engine to exit")
+        assert _group_members(engine.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, log_path.read_text()[-3000:]
+    test_dir = only_session(harness_project) / "slow_offline"
+    r = BenchmarkResult.load(test_dir / "result.yaml")
+    assert r.status == "INTERRUPTED" and "while the engine was starting" in (r.reason or ""), r
+    assert (test_dir / "metadata.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stubborn", [False, True], ids=["engine_exits", "engine_ignores_sigterm"])
+def test_sigkill_of_pytest_then_the_next_session_cleans_up(
+    harness_project: HarnessProject, stubborn: bool
+) -> None:
+    """An OOM kill or a CI timeout runs no teardown. The engine and the LoadGen runner get SIGTERM
+    from the kernel when pytest dies; an engine that ignores it is stopped by the next session, which
+    finds it in the killed session's pidfile."""
+    harness_project.model("long", ("Server",), sim={**TINY_SIM, "ignore_sigterm": stubborn})
+    harness_project.model("quick", ("Offline",), dataset="../data/missing.json")  # no engine: a cheap session
+    harness_project.user_conf("tiny.Server.target_qps = 20\ntiny.Server.min_duration = 120000\n")
+    proc, log_path = _start_pytest(harness_project, "-k", "long")
+    try:
+        out = harness_project.path / "harness_output"
+        reqlog = _wait_for(lambda: next(iter(out.glob("*/long_server/requests.jsonl")), None), 60, "requests")
+        _wait_for(lambda: reqlog.stat().st_size, 30, "requests.jsonl to be written")
+        engine = _child_with(proc, "harness_fixtures.sim")
+        runner = _child_with(proc, "harness_fixtures.loadgen.runner")
+        assert engine is not None and runner is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # The runner keeps what it measured on its way out (SIGTERM from the kernel, not a kill).
+        assert _wait_for(lambda: _gone(runner), 10, "the runner to exit")
+        client = json.loads((reqlog.parent / "client.json").read_text())
+        assert client["stopped_by"] == "SIGTERM"
+        if stubborn:
+            time.sleep(1)
+            assert not _gone(engine)  # it ignored the signal: a leftover
+        else:
+            assert _wait_for(lambda: _gone(engine), 10, "the engine to exit")
+        session = only_session(harness_project)
+        assert list((session / "pids").glob("*.json"))  # the pidfile pytest could not clean up
+
+        result = harness_project.run("-k", "quick")
+        result.assert_outcomes(failed=1)
+        assert _gone(engine) and _group_members(engine.pid) == []
+        assert not (session / "pids").exists()
+        stopped = [line for line in result.outlines if "left running by session" in line]
+        if stubborn:
+            (line,) = stopped
+            assert f"harness: stopped 1 process(es) left running by session {session.name}" in line
+            assert f"pid {engine.pid} (engine: " in line
+        else:
+            assert stopped == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in [q for q in (locals().get("engine"), locals().get("runner")) if q is not None]:
+            with contextlib.suppress(ProcessLookupError, psutil.Error):
+                os.killpg(p.pid, signal.SIGKILL)
+    del log_path
+
+
+PLANTED = {
+    "url": "sekrit-url-5150",
+    "api_key": "sekrit-apikey-5150",
+    "env": "sekrit-hftoken-env-5150",
+    "arg": "sekrit-hftoken-arg-5150",
+    "eq": "sekrit-hftoken-eq-5150",
+    "two_word": "sekrit-apikey-arg-5150",
+}
+
+
+@pytest.mark.slow
+def test_planted_secrets_reach_no_file_log_or_terminal(
+    harness_project: HarnessProject, start_sim: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Secrets in every place a user puts them: URL userinfo in --harness-server-url, the API key's
+    variable, engine.env, engine.args (mapping, --flag=value and --flag value). One session against a
+    running server, one whose engine fails to start with them in its argv (its log tail is in the
+    failure); then every file and both terminals are searched, and the MLflow params too."""
+    endpoint, _ = start_sim(**TINY_SIM)
+    port = endpoint.base_url.rsplit(":", 1)[1]
+    monkeypatch.setenv("HARNESS_TEST_API_KEY", PLANTED["api_key"])
+    engine = {"kind": "sim", "served_model_name": "simcase", "start_timeout_s": 30, "stop_timeout_s": 5}
+    harness_project.model(
+        "a",
+        ("Offline",),
+        engine={**engine, "env": {"HF_TOKEN": PLANTED["env"]}, "args": {"hf-token": PLANTED["arg"]}},
+    )
+    remote = harness_project.run(
+        "--junitxml=junit-a.xml",
+        "--harness-api-key-env=HARNESS_TEST_API_KEY",
+        f"--harness-server-url=http://bob:{PLANTED['url']}@127.0.0.1:{port}",
+        *DEADLINES,
+    )
+    remote.assert_outcomes(passed=1)
+    harness_project.model(
+        "a",
+        ("Offline",),
+        engine={
+            **engine,
+            "env": {"HF_TOKEN": PLANTED["env"]},
+            "args": [f"--hf-token={PLANTED['eq']}", "--api-key", PLANTED["two_word"]],
+        },
+    )
+    launched = harness_project.run(
+        "--junitxml=junit-b.xml", "--harness-api-key-env=HARNESS_TEST_API_KEY", *DEADLINES
+    )
+    launched.assert_outcomes(failed=1)
+    launched.stdout.fnmatch_lines(
+        ["*engine exited with code 2*", "*unrecognized arguments: --hf-token=[*][*][*] --api-key [*][*][*]"]
+    )
+
+    outputs = [
+        harness_project.path / "harness_output",
+        harness_project.path / "junit-a.xml",
+        harness_project.path / "junit-b.xml",
+    ]
+    terminal = "".join(r.stdout.str() + r.stderr.str() for r in (remote, launched))
+    sessions = harness_project.session_dirs()
+    assert len(sessions) == 2 and (sessions[1] / "engine-a" / "engine.log").is_file()
+    for what, secret in PLANTED.items():
+        assert [
+            p
+            for root in outputs
+            for p in ([root] if root.is_file() else root.rglob("*"))
+            if p.is_file() and secret.encode() in p.read_bytes()
+        ] == [], what
+        assert secret not in terminal, what
+    md = yaml.safe_load((sessions[0] / "a_offline" / "metadata.yaml").read_text())
+    assert md["engine"]["base_url"] == f"http://***@127.0.0.1:{port}"
+    assert md["case"]["engine"]["env"] == {"HF_TOKEN": "***"} and md["case"]["engine"]["args"] == {
+        "hf-token": "***"
+    }
+    if importlib.util.find_spec("mlflow") is not None:
+        upload = [
+            sys.executable,
+            str(ROOT / "tools" / "upload_to_mlflow.py"),
+            "--dry-run",
+            "--mlflow-tracking-uri=http://127.0.0.1:9",
+        ]
+        for session in sessions:
+            r = subprocess.run(
+                [*upload, "--results-dir", str(session)], capture_output=True, text=True, timeout=120
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "engine.args" in r.stdout
+            assert not [s for s in PLANTED.values() if s in r.stdout + r.stderr]
+
+
+# One session, one model per bad dataset: each test fails naming the file, sample and column.
+def _dataset_rows(root: Path) -> dict[str, tuple[str, bytes, str]]:
+    def rows(*changes: dict[str, Any]) -> bytes:
+        base = {"input": "p", "tok_input": [5, 6], "output": "a"}
+        return json.dumps([{**base, **c} for c in changes]).encode()
+
+    return {
+        # model → (file name, content, the message's tail)
+        "emptypickle": ("empty.pkl", b"", "cannot read as pickle: the file is empty or cut short"),
+        "ints": ("ints.json", b"[1, 2, 3]", "sample 0 is int 1, not a record of {column: value}*"),
+        "missingcol": ("missing.json", rows({}, {"tok_input": None}), "sample 1 column 'tok_input' is None*"),
+        "norow": (
+            "norow.json",
+            b'[{"input": "p", "tok_input": [5], "output": "a"}, {"input": "q", "output": "b"}]',
+            "sample 1 has no column(s) [[]'tok_input'[]]*",
+        ),
+        "ragged": (
+            "ragged.json",
+            b'{"input": ["a", "b"], "tok_input": [[5]], "output": ["x", "y"]}',
+            "columns have different lengths*",
+        ),
+        "bools": (
+            "bools.json",
+            rows({"tok_input": [5, True]}),
+            "sample 0 column 'tok_input': position 1 is True*",
+        ),
+        "negative": (
+            "negative.json",
+            rows({}, {"tok_input": [5, -1]}),
+            "sample 1 column 'tok_input': position 1 is -1*",
+        ),
+        "huge": (
+            "huge.json",
+            rows({"tok_input": [2**40]}),
+            "*position 0 is 1099511627776, not below 2147483647*",
+        ),
+        "vocab": (
+            "vocab.json",
+            rows({"tok_input": [5, 60]}),
+            "*position 1 is 60, not below the model's vocabulary size 50*",
+        ),
+    }
+
+
+@pytest.mark.slow
+def test_bad_dataset_contents_fail_their_test_by_name_and_start_no_engine(
+    harness_project: HarnessProject,
+) -> None:
+    tokenizer = harness_project.path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    (tokenizer / "config.json").write_text('{"vocab_size": 50}')
+    cases = _dataset_rows(harness_project.path)
+    for name, (file, content, _) in cases.items():
+        (harness_project.path / "data" / file).write_bytes(content)
+        extra: dict[str, Any] = {"tokenizer": "../tok"} if name == "vocab" else {}
+        fmt = {"format": "pickle"} if file.endswith(".pkl") else {}
+        harness_project.model(name, ("Offline",), dataset=f"../data/{file}", **extra)
+        if fmt:
+            case = yaml.safe_load((harness_project.path / "models" / f"{name}.yaml").read_text())
+            case["dataset"].update(fmt)
+            (harness_project.path / "models" / f"{name}.yaml").write_text(yaml.safe_dump(case))
+    result = harness_project.run("--harness-skip-missing", *DEADLINES)  # bad contents are not "missing"
+    result.assert_outcomes(failed=len(cases))
+    assert "Traceback" not in result.stdout.str() and "INTERNALERROR" not in result.stdout.str()
+    session = only_session(harness_project)
+    for name, (file, _, tail) in cases.items():
+        result.stdout.fnmatch_lines([f"*/data/{file}: {tail}"])
+        assert BenchmarkResult.load(session / f"{name}_offline" / "result.yaml").status == "ERROR"
+    assert not list(harness_project.path.rglob("engine.log"))
+
+
+def _fake_models_server(answer: bytes) -> tuple[Any, int]:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = {"/health": b"", "/v1/models": answer}.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def test_a_models_answer_that_is_not_a_model_list_fails_cleanly(harness_project: HarnessProject) -> None:
+    """Any failure of the start-up check is an engine error with what the server said: the model's
+    tests fail at once (no traceback, no retry) and each still writes its result."""
+    server, port = _fake_models_server(b'{"data": ["m"]}')
+    try:
+        harness_project.model("a", ("Offline", "Server"))
+        result = harness_project.run(f"--harness-server-url=http://127.0.0.1:{port}", *DEADLINES)
+    finally:
+        server.shutdown()
+        server.server_close()
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(['*/v1/models answered \'{"data": [[]"m"[]]}\', not an OpenAI model list*'])
+    assert "AttributeError" not in result.stdout.str()
+    for test_id in ("a_offline", "a_server"):
+        assert BenchmarkResult.load(only_session(harness_project) / test_id / "result.yaml").status == "ERROR"
+
+
+FAILING_STEP_CONFTEST = {
+    "gating": """
+import harness_fixtures.pipeline as pipeline
+
+def boom(*args, **kwargs):
+    raise RuntimeError("boom in gating")
+
+pipeline.check_thresholds = boom
+""",
+    "telemetry": """
+from harness_fixtures.metrics.telemetry import RunTelemetry
+
+def boom(self, *args, **kwargs):
+    raise RuntimeError("boom in telemetry")
+
+RunTelemetry.finish = boom
+""",
+    "metadata_hook": """
+def pytest_harness_update_metadata(config, case, metadata):
+    raise RuntimeError("boom in a conftest's metadata hook")
+""",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", list(FAILING_STEP_CONFTEST))
+def test_a_failure_after_the_run_still_writes_every_file(harness_project: HarnessProject, step: str) -> None:
+    """Gating, telemetry or metadata failing after LoadGen ran: the test fails with ERROR and why,
+    and result.yaml (with every measured number), metadata.yaml and session.yaml are written."""
+    harness_project.model("a", ("Offline",))
+    harness_project.pytester.makeconftest(FAILING_STEP_CONFTEST[step])
+    result = harness_project.run(*DEADLINES)
+    result.assert_outcomes(failed=1)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["*boom in*"])
+    session = only_session(harness_project)
+    r = BenchmarkResult.load(session / "a_offline" / "result.yaml")
+    assert r.status == "ERROR" and "boom in" in (r.reason or ""), r
+    assert "VALID" in (r.reason or "")  # what LoadGen said is kept
+    assert r.tokens_per_s and r.queries.completed > 0  # nothing measured is lost
+    assert (session / "a_offline" / "metadata.yaml").is_file() and (session / "session.yaml").is_file()
+    assert "RuntimeError" in (session / "a_offline" / "harness.log").read_text()  # the traceback
+    assert not (session / "pids").exists()  # a session that ended cleanly leaves no pidfile
+
+
+SAVE_FOLDER_GONE_CONFTEST = """
+import pathlib
+import shutil
+
+
+def pytest_harness_result(config, item_id, result, metadata):
+    folder = pathlib.Path(config.rootpath) / "baselines"
+    if folder.is_dir():  # the disk changed under the session: now a file where the folder was
+        shutil.rmtree(folder)
+        folder.write_text("not a folder any more\\n")
+"""
+
+
+@pytest.mark.slow
+def test_save_baseline_failing_at_the_end_keeps_the_session(harness_project: HarnessProject) -> None:
+    (harness_project.path / "baselines").mkdir()
+    harness_project.model("a", ("Offline",))
+    harness_project.pytester.makeconftest(SAVE_FOLDER_GONE_CONFTEST)
+    result = harness_project.run("--harness-save-baseline=baselines/b.yaml", *DEADLINES)
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # a result file was lost: not a green run
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(
+        ["harness: cannot write the baseline */baselines/b.yaml: *", "*harness benchmark results*"]
+    )
+    assert (only_session(harness_project) / "session.yaml").is_file()
+    assert not list(harness_project.path.rglob(".*.tmp"))
