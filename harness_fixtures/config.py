@@ -91,6 +91,11 @@ class EngineSpec(_Strict):
     sim: dict[str, Any] = Field(
         default_factory=dict, description="Simulator settings (kind=sim), see harness_fixtures.sim."
     )
+    request_profile: Literal["vllm", "sglang", "trtllm"] | None = Field(
+        None,
+        description="Which server's request fields to send; default: the kind's (external and sim: vllm). "
+        "Set it for a server you run (kind external or --harness-server-url) that is not vLLM.",
+    )
 
 
 class DatasetSpec(_Strict):
@@ -126,6 +131,12 @@ class GenerationSpec(_Strict):
     extra_body: dict[str, Any] = Field(default_factory=dict, description="Extra request fields.")
     eos_token_ids: list[int] = Field(
         default_factory=list, description="EOS ids, for the at-most-one-EOS output check (TEST06)."
+    )
+    count_tokens: Literal["auto", "token_ids", "usage"] = Field(
+        "auto",
+        description="How output tokens are counted: auto = token ids where the server streams them (vLLM; "
+        "SGLang and TensorRT-LLM on completions), else usage.completion_tokens; usage = always usage "
+        "(no ids: accuracy and output-consistency checks cannot run).",
     )
 
 

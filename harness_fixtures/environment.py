@@ -13,6 +13,8 @@ from typing import Any
 
 import psutil
 
+from . import redaction
+
 PACKAGES = (
     "harness-fixtures",
     "mlcommons-loadgen",
@@ -32,47 +34,11 @@ ENV_ALLOWLIST = re.compile(
     r"^(CUDA_VISIBLE_DEVICES|NVIDIA_VISIBLE_DEVICES|OMP_NUM_THREADS|VLLM_[A-Z0-9_]+|HF_HUB_OFFLINE|"
     r"HARNESS_[A-Z0-9_]+|MLFLOW_TRACKING_URI|MLFLOW_EXPERIMENT_NAME|CI|GITHUB_SHA|GITHUB_RUN_ID|CI_JOB_ID)$"
 )
-SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
-REDACTED = "***"
-URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
-def scrub_url_credentials(text: str) -> str:
-    """``http://user:pass@host`` → ``http://***@host``: credentials never reach a written file."""
-    return URL_USERINFO.sub(rf"\1{REDACTED}@", text)
-
-
-def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """Any text bound for a file, a log or MLflow: URL credentials, the values of secret-looking
-    environment variables (tokens, passwords, API keys of 4+ characters) and ``secrets`` → ``***``."""
-    values = [v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 4]
-    for value in sorted({*values, *(s for s in secrets if s and len(s) >= 4)}, key=len, reverse=True):
-        text = text.replace(value, REDACTED)
-    return scrub_url_credentials(text)
-
-
-def redact_env(env: dict[str, str]) -> dict[str, str]:
-    """Allowlisted variables only; any whose name looks secret is redacted."""
-    return {
-        k: (REDACTED if SECRET.search(k) else scrub_url_credentials(v))
-        for k, v in sorted(env.items())
-        if ENV_ALLOWLIST.match(k)
-    }
-
-
-def redact_argv(argv: list[str], secrets: list[str]) -> list[str]:
-    """Engine argv for metadata: values after --api-key-like flags and known secret values hidden."""
-    out: list[str] = []
-    hide_next = False
-    for a in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        if SECRET.search(a) and a.startswith("--") and "=" not in a:
-            hide_next = True
-        out.append(REDACTED if any(s and s in a for s in secrets) else scrub_url_credentials(a))
-    return out
+def redact_env(variables: dict[str, str]) -> dict[str, str]:
+    """Allowlisted variables only, secret-looking ones hidden (:mod:`harness_fixtures.redaction`)."""
+    return redaction.env({k: v for k, v in sorted(variables.items()) if ENV_ALLOWLIST.match(k)})
 
 
 def git_state(path: Path) -> dict[str, Any]:

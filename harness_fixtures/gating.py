@@ -8,16 +8,20 @@ Pure functions over result dicts (``BenchmarkResult.model_dump()``); the pipelin
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import math
 import statistics
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .client.cpu import CPU_BOUND_PCT
-from .results import Direction, Violation
+from .config import Thresholds
+from .results import Direction, Violation, write_yaml
 from .stats import round4
 
 # Metrics a baseline compares, with the direction in which they get better.
@@ -319,8 +323,15 @@ def check_client_bound(result: dict[str, Any], opts: ClientBoundLimits | None = 
 
 
 # -- thresholds file --------------------------------------------------------------------------
-def load_threshold_overrides(path: Path, known_fields: set[str]) -> dict[str, dict[str, Any]]:
-    """``--harness-thresholds FILE``: {case name or test id: {threshold: value}}; validated keys."""
+def load_threshold_overrides(
+    path: Path, known_fields: set[str], names: Collection[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``--harness-thresholds FILE``: {case name or test id: {threshold: value}}.
+
+    Keys, values (as the model YAML's ``thresholds:`` would take them) and, given ``names`` (the
+    cases and test ids there are), the names are checked here, before any engine starts: a bad value
+    found after the run would cost the whole run, a misspelt name would silently gate nothing.
+    """
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -337,6 +348,23 @@ def load_threshold_overrides(path: Path, known_fields: set[str]) -> dict[str, di
             raise GateError(
                 f"{path}: {name}: unknown threshold(s) {sorted(unknown)}; known: {sorted(known_fields)}"
             )
+        try:
+            Thresholds.model_validate(values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(x) for x in err["loc"])
+            raise GateError(
+                f"{path}: {name}: {key}: {err['msg']} (got {err.get('input')!r}); fix the value in that file"
+            ) from None
+    if names is not None:
+        known = set(names)
+        for name in data:
+            if str(name) not in known:
+                hint = difflib.get_close_matches(str(name), sorted(known), n=1)
+                fix = f"did you mean {hint[0]!r}?" if hint else f"known: {sorted(known)}"
+                raise GateError(
+                    f"{path}: {name!r} is neither a case name nor a test id, so it would gate nothing; {fix}"
+                )
     return data
 
 
@@ -363,20 +391,51 @@ class Baseline(BaseModel):
         description="test id → {metrics: {...}, engine_version, settings_digest}"
     )
 
+    @field_validator("results")
+    @classmethod
+    def _metrics_are_numbers(cls, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for test_id, entry in results.items():
+            metrics = entry.get("metrics", {})
+            if not isinstance(metrics, dict):
+                raise ValueError(f"results.{test_id}.metrics is {type(metrics).__name__}, not a mapping")
+            for metric, v in metrics.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"results.{test_id}.metrics.{metric} is {v!r}, not a finite number")
+        return results
+
     @classmethod
     def load(cls, path: Path) -> Baseline:
         """A baseline file, or a session folder (or its session.yaml) taken as one."""
         if path.is_dir() or path.name == "session.yaml":
             return baseline_from_session(path)
         try:
-            return cls.model_validate(yaml.safe_load(path.read_text()))
-        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise GateError(
                 f"baseline {str(path)!r} is unusable: {exc}; re-create it with --harness-save-baseline"
             ) from None
+        if not isinstance(data, dict):
+            raise GateError(
+                f"baseline {str(path)!r} is unusable: expected a mapping, got {type(data).__name__}; "
+                "re-create it with --harness-save-baseline"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(_problem(e) for e in exc.errors())
+            raise GateError(
+                f"baseline {str(path)!r} is unusable: {problems}; fix it or re-create it with "
+                "--harness-save-baseline"
+            ) from None
 
 
-def _stable_args(argv: list[str], session_dir: str = "") -> list[str]:
+def _problem(e: Any) -> str:
+    where = ".".join(str(x) for x in e["loc"]) or "top level"
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    return msg if msg.startswith(where) else f"{where}: {msg}"
+
+
+def stable_args(argv: list[str], session_dir: str = "") -> list[str]:
     """Engine args that define the configuration: without the executable, the per-run port and the
     session folder (the simulator's settings file lives there: a new path every session)."""
     out: list[str] = []
@@ -396,11 +455,13 @@ def baseline_entry(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str
     engine = metadata.get("engine") or {}
     test_dir = (metadata.get("outputs") or {}).get("test_dir")
     return {
-        "metrics": {k: v for k, v in metric_values(result).items() if k in BASELINE_METRICS},
+        "metrics": {
+            k: v for k, v in metric_values(result).items() if k in BASELINE_METRICS and math.isfinite(v)
+        },
         "status": result.get("status"),
         "engine_version": engine.get("version"),
         # Older metadata held absolute paths: their session folder becomes <session>, as new files have it.
-        "engine_args": _stable_args(
+        "engine_args": stable_args(
             engine.get("argv") or [],
             str(Path(test_dir).parent) if test_dir and Path(test_dir).is_absolute() else "",
         ),
@@ -471,7 +532,7 @@ def baseline_from_session(path: Path) -> Baseline:
 def save_baseline(path: Path, entries: dict[str, dict[str, Any]], hardware: dict[str, Any]) -> None:
     b = Baseline(created_utc=dt.datetime.now(dt.timezone.utc).isoformat(), hardware=hardware, results=entries)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(b.model_dump(), sort_keys=False))
+    write_yaml(path, b.model_dump())
 
 
 def compare_baseline(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Kind = Literal["str", "path", "float", "int", "bool", "workers"]
+Kind = Literal["str", "path", "float", "int", "bool", "workers", "rate", "list"]
 
 
 class OptionError(ValueError):
@@ -50,18 +50,80 @@ OPTIONS: tuple[Option, ...] = (
         "str",
         "Name of the env var holding a bearer token to send (its value is never written).",
     ),
+    Option(
+        "header",
+        "list",
+        "Extra request header NAME=VALUE on every request (stream, health check, /metrics); repeatable "
+        "(ini: one per line). VALUE env:VAR reads $VAR; credentials must come that way.",
+    ),
+    Option(
+        "ca-bundle",
+        "path",
+        "PEM file of the CAs to trust for https servers; unset: $SSL_CERT_FILE, else $REQUESTS_CA_BUNDLE, "
+        "else the system's.",
+    ),
+    Option("client-cert", "path", "PEM client certificate (with its key, or see --harness-client-key)."),
+    Option("client-key", "path", "PEM key of --harness-client-cert when it is a separate file."),
     Option("mode", "str", "LoadGen mode.", "performance", choices=("performance", "accuracy")),
     Option(
         "target-qps",
+        "rate",
+        "Server target QPS / Offline expected QPS / SingleStream 1 / expected latency; 'auto': the "
+        "capacity last found for this model, engine and hardware (searched when there is none); unset: "
+        "user.conf, else sized from this machine's measurement.",
+        positive=True,
+    ),
+    Option(
+        "find-capacity",
+        "bool",
+        "Server/Interactive: search the highest load that meets the latency limits with short probes, "
+        "then run the test at it.",
+    ),
+    Option(
+        "capacity-precision",
         "float",
-        "Server target QPS / Offline expected QPS / SingleStream 1 / expected latency; unset: user.conf, "
-        "else sized from this machine's measurement.",
+        "Capacity search: stop at this relative precision, percent.",
+        "5",
+        positive=True,
+    ),
+    Option("capacity-max-probes", "int", "Capacity search: at most this many probes.", "8", positive=True),
+    Option(
+        "capacity-probe-queries",
+        "int",
+        "Capacity search: queries per probe; default: a tenth of the run's min_query_count, at least "
+        "2 / (1 - percentile) (20 at p90, 200 at p99).",
+        positive=True,
+    ),
+    Option(
+        "capacity-probe-duration-ms",
+        "int",
+        "Capacity search: min_duration of a probe; default: a tenth of the run's.",
         positive=True,
     ),
     Option("min-duration-ms", "int", "Override LoadGen min_duration (ms)."),
     Option("min-query-count", "int", "Override LoadGen min_query_count."),
     Option("sample-count", "int", "Use only the first N dataset samples.", positive=True),
-    Option("request-timeout-s", "float", "Per-request deadline (s).", "600", positive=True),
+    Option(
+        "request-timeout-s",
+        "float",
+        "Per-request deadline (s), from the moment the request is sent.",
+        "600",
+        positive=True,
+    ),
+    Option(
+        "stream-idle-timeout-s",
+        "float",
+        "Fail a request whose answer started but then sent no byte for this long (s).",
+        "120",
+        positive=True,
+    ),
+    Option(
+        "max-connections",
+        "int",
+        "Connections the client keeps open at most (per client process); raised file limits permitting.",
+        "1024",
+        positive=True,
+    ),
     Option("test-timeout-s", "float", "Per-test deadline (s).", "7200", positive=True),
     Option("thresholds", "path", "YAML of threshold overrides: {case name or test id: {threshold: value}}."),
     Option("baseline", "path", "Compare against this baseline file (from --harness-save-baseline)."),
@@ -133,12 +195,24 @@ class HarnessOptions(BaseModel):
     output_dir_explicit: bool = False
     server_url: str | None = None
     api_key_env: str | None = None
+    headers: tuple[str, ...] = Field((), description="--harness-header values, NAME=VALUE each.")
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
     mode: Literal["performance", "accuracy"] = "performance"
     target_qps: float | None = None
+    target_qps_auto: bool = Field(False, description="--harness-target-qps auto.")
+    find_capacity: bool = False
+    capacity_precision_pct: float = 5.0
+    capacity_max_probes: int = 8
+    capacity_probe_queries: int | None = None
+    capacity_probe_duration_ms: int | None = None
     min_duration_ms: int | None = None
     min_query_count: int | None = None
     sample_count: int | None = None
     request_timeout_s: float = 600.0
+    stream_idle_timeout_s: float = 120.0
+    max_connections: int = 1024
     test_timeout_s: float = 7200.0
     thresholds: Path | None = None
     baseline: Path | None = None
@@ -164,12 +238,16 @@ class HarnessOptions(BaseModel):
         values: dict[str, Any] = {}
         for opt in OPTIONS:
             value, source = raw(opt)
-            if value in (None, "") or (opt.kind == "bool" and value is False):
+            if value in (None, "", []) or (opt.kind == "bool" and value is False):
                 value, source = opt.default, None
             if value is None:
                 continue
             field = _FIELD.get(opt.name, opt.dest[len("harness_") :])
-            values[field] = _parse(opt, value, source, cli_dir, root_dir)
+            parsed = _parse(opt, value, source, cli_dir, root_dir)
+            if parsed == "auto" and opt.kind == "rate":
+                values[f"{field}_auto"] = True
+                continue
+            values[field] = parsed
             if opt.kind == "path":
                 values[f"{field}_explicit"] = source == "cli"
         if values.get("repeat", 1) % 2 == 0:
@@ -182,7 +260,11 @@ class HarnessOptions(BaseModel):
         return cls(**{k: v for k, v in values.items() if k in cls.model_fields})
 
 
-_FIELD = {"max-regression": "max_regression_pct"}
+_FIELD = {
+    "max-regression": "max_regression_pct",
+    "capacity-precision": "capacity_precision_pct",
+    "header": "headers",
+}
 
 
 def _where(opt: Option) -> str:
@@ -193,9 +275,14 @@ def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir:
     text = str(value).strip()
     if opt.kind == "bool":
         return bool(value)
+    if opt.kind == "list":
+        items = [value] if isinstance(value, str) else list(value)
+        return tuple(str(v).strip() for v in items if str(v).strip())
     if opt.kind == "path":
         base = cli_dir if source == "cli" else root_dir
         return (base / os.path.expanduser(text)).resolve()
+    if opt.kind == "rate" and text.lower() == "auto":
+        return "auto"
     if opt.kind == "workers":
         if text.lower() == "auto":
             return None
@@ -206,13 +293,12 @@ def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir:
         if n < 1:
             raise OptionError(f"{_where(opt)}: {value!r} is not 'auto' or a count >= 1")
         return n
-    if opt.kind in ("float", "int"):
+    if opt.kind in ("float", "int", "rate"):
         try:
-            number: float | int = float(text) if opt.kind == "float" else int(text)
+            number: float | int = float(text) if opt.kind != "int" else int(text)
         except ValueError:
-            raise OptionError(
-                f"{_where(opt)}: {value!r} is not {'a number' if opt.kind == 'float' else 'a whole number'}"
-            ) from None
+            want = {"float": "a number", "int": "a whole number", "rate": "a number or 'auto'"}[opt.kind]
+            raise OptionError(f"{_where(opt)}: {value!r} is not {want}") from None
         if opt.positive and number <= 0:
             raise OptionError(f"{_where(opt)} must be > 0, got {value!r}")
         if opt.kind == "int" and number < 0:
@@ -234,3 +320,18 @@ def check_output_root(root: Path) -> None:
         raise OptionError(f"output dir {str(root)!r} {what}is not a directory; {fix}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OptionError(f"output dir {str(root)!r} {what}is not writable; {fix}")
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """OptionError unless a file can be written at ``path`` (its folder exists or can be created,
+    and is writable; ``path`` is not a folder); creates nothing."""
+    fix = f"pass {option} a file path in a writable folder"
+    if path.is_dir():
+        raise OptionError(f"{option} {str(path)!r} is a directory; {fix}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptionError(f"{option} {str(path)!r}: {str(existing)!r} is not a directory; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OptionError(f"{option} {str(path)!r} is not writable; {fix}")

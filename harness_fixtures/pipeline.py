@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -22,12 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import redaction
 from .accuracy.run import AccuracyRunError, score_run
+from .client.httpconfig import HttpConfig
+from .client.payload import PROFILES, PayloadError, RequestProfile, token_source
 from .client.requestlog import client_stats, read_requests, request_metrics
 from .config import BenchmarkCase, ConfigError, PlannedRun
-from .dataset import Dataset, DatasetError, load_dataset
+from .dataset import Dataset, DatasetError, DatasetMissing, load_dataset, vocab_size
+from .diagnosis import diagnose
 from .environment import capture as capture_environment
-from .environment import redact_argv, scrub_url_credentials
 from .gating import (
     Baseline,
     apply_overrides,
@@ -37,6 +41,18 @@ from .gating import (
     check_consistency,
     check_thresholds,
     compare_baseline,
+    stable_args,
+)
+from .loadgen.capacity import (
+    CapacitySearch,
+    Limits,
+    constraint_checks,
+    early_stopping_percentile,
+    limits_of,
+    load_store,
+    probe_margins,
+    save_capacity,
+    store_key,
 )
 from .loadgen.child import ChildOutcome, run_child
 from .loadgen.compliance import (
@@ -46,6 +62,7 @@ from .loadgen.compliance import (
     verify_test06,
     write_audit_config,
 )
+from .loadgen.effective import EffectiveSettings, EffectiveSettingsError, effective_settings
 from .loadgen.mllog import LoadGenRun, MllogError
 from .loadgen.sizing import (
     MAX_OFFLINE_ATTEMPTS,
@@ -59,18 +76,23 @@ from .loadgen.sizing import (
     usable_offline_measurement,
 )
 from .loadgen.spec import RunSpec
-from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf
-from .metrics.plots import LatencyMarks
+from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf, unknown_models
+from .metrics.plots import LatencyMarks, RunWindow, write_capacity_plot
 from .metrics.telemetry import RunTelemetry
+from .metrics.window import gauges_over
 from .options import HarnessOptions
 from .results import (
     FINISHED,
     AccuracyResult,
     BaselineComparison,
     BenchmarkResult,
+    CapacityProbe,
+    CapacityResult,
     ComplianceResult,
     Consistency,
+    ConstraintCheck,
     EngineInfo,
+    EngineWindow,
     LatencyLimits,
     Metadata,
     Percentiles,
@@ -82,8 +104,10 @@ from .results import (
     Violation,
 )
 from .servers.base import Endpoint, EngineError
+from .servers.launchers import engine_gpu_env, metrics_paths
 
 log = logging.getLogger("harness_fixtures")
+CAPACITY_STORE = "capacity.yaml"  # in the output dir: the capacity last found per model, engine, hardware
 
 ProgressTick = Callable[[float], None]
 
@@ -121,10 +145,43 @@ class Suite:
     # sizes the model's Server/Interactive load. A model's tests share one xdist worker.
     offline_measured: dict[str, tuple[float, str]] = field(default_factory=dict)
     _user_confs: dict[Path, list[ConfEntry]] = field(default_factory=dict)
+    http: HttpConfig | None = None  # the session's one HTTP configuration (built from options if unset)
+
+    def http_config(self) -> HttpConfig:
+        """Headers, proxies and TLS for every request of the session (stream, health, /metrics)."""
+        if self.http is None:
+            self.http = HttpConfig.from_options(self.options)
+            redaction.add_secrets(self.http.secret_values())  # env: header values, never written
+        return self.http
+
+    def __post_init__(self) -> None:
+        o = self.options
+        redaction.add_secrets(
+            [o.api_key(), redaction.url_password(o.server_url), redaction.url_password(o.mlflow_uri)]
+        )
 
     def secrets(self) -> list[str]:
         key = self.options.api_key()
-        return [key] if key else []
+        return ([key] if key else []) + self.http_config().secret_values()
+
+    def check_user_confs(self, cases: list[BenchmarkCase]) -> None:
+        """Parse every user.conf the cases use and check its model names against theirs.
+
+        :raises UserConfError: a bad line, or a line for a LoadGen model name no case using the file
+            has (LoadGen would ignore it: a typo there silently runs with other settings).
+        """
+        users: dict[Path, set[str]] = {}
+        for case in cases:
+            path = case.resolve(case.user_conf) if case.user_conf else self.options.user_conf
+            if path is not None and path.is_file():
+                users.setdefault(path, set()).update(case.loadgen_model.values())
+        errors = []
+        for path, names in users.items():
+            if path not in self._user_confs:
+                self._user_confs[path] = parse_user_conf(path)
+            errors += unknown_models(path, self._user_confs[path], names)
+        if errors:
+            raise UserConfError("\n".join(errors))
 
     def user_conf(self, case: BenchmarkCase) -> tuple[Path, list[ConfEntry]]:
         """The case's user.conf (its own, else the suite's), parsed once per session.
@@ -170,8 +227,11 @@ def run_test(
     :raises RunInterrupted: on Ctrl-C / SIGTERM, after LoadGen was stopped; carries the outcome.
     """
     test_dir.mkdir(parents=True, exist_ok=True)
+    redaction.add_secrets(redaction.case_secrets(planned.case.engine.model_dump()))
+    redaction.protect_loggers()  # every harness log line, in harness.log and pytest's captured logs
     handler = logging.FileHandler(test_dir / "harness.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(redaction.RedactingFilter())  # records of other loggers handled here too
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
@@ -198,18 +258,49 @@ class _TestRun:
         self.started = time.time()
         self.endpoint: Endpoint | None = None
         self.spec: RunSpec | None = None
+        self._capacity: CapacityResult | None = None
+        self._checks: list[ConstraintCheck] = []  # the last run's latency limits and observations
+        self._requests: list[dict[str, Any]] = []  # the last run's request log
+        self._warmup: dict[str, Any] = {}  # the last run's warm-up request (unloaded latency)
+        self.child_env: dict[str, str] = {}  # credentials for the LoadGen child (never in run_spec.json)
 
     # -- the steps -------------------------------------------------------------------------------
     def execute(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
+        """The steps, with a result whatever happens: an unexpected error is an ERROR result."""
+        try:
+            return self._steps(get_endpoint)
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:
+            # Outside a LoadGen run (engine start, a probe's set-up): nothing measured to keep.
+            raise RunInterrupted(
+                self._error("interrupted (Ctrl-C or SIGTERM) before LoadGen ran", status="INTERRUPTED")
+            ) from None
+        except Exception as exc:
+            log.exception("%s: unexpected error", self.p.test_id)
+            return self._error(
+                f"harness error: {type(exc).__name__}: {exc} (traceback in {self.test_dir / 'harness.log'})"
+            )
+
+    def _steps(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
         try:
             user_conf, entries = self.suite.user_conf(self.case)
         except UserConfError as exc:
             return self._error(str(exc))
         try:
             dataset_path = self.case.resolve(self.case.dataset.path, "dataset.path")
-            dataset = load_dataset(self.case.dataset, dataset_path)  # before any engine starts
-        except (DatasetError, ConfigError) as exc:
+            # Before any engine starts; token ids are checked against the model's vocabulary when
+            # its files are here.
+            dataset = load_dataset(self.case.dataset, dataset_path, vocab=_vocab(self.case))
+        except ConfigError as exc:
             return self._error(str(exc), skippable=True)
+        except DatasetError as exc:
+            return self._error(str(exc), skippable=isinstance(exc, DatasetMissing))
+        problem = self._token_count_problem(
+            PROFILES.get(self.case.engine.request_profile or self.case.engine.kind)
+        )
+        if problem:
+            return self._error(problem)  # knowable from the case: before any engine starts
         try:
             self.case.engine_model()  # an unset ${VAR} in engine.model: said now, not by the engine
         except ConfigError as exc:
@@ -220,6 +311,17 @@ class _TestRun:
             self.endpoint = get_endpoint()
         except EngineError as exc:
             return self._error(str(exc))
+        except KeyboardInterrupt:
+            # The launcher has stopped the engine it was starting; say so in result.yaml.
+            raise RunInterrupted(
+                self._error(
+                    "interrupted (Ctrl-C or SIGTERM) while the engine was starting; the engine was stopped",
+                    status="INTERRUPTED",
+                )
+            ) from None
+        problem = self._token_count_problem(self.endpoint.request_profile)
+        if problem:
+            return self._error(problem)
         log.info("running %s against %s (%s)", self.p.test_id, self.endpoint.base_url, self.endpoint.kind)
         try:
             rate = self._size_rate(entries, user_conf, dataset_path)
@@ -251,6 +353,34 @@ class _TestRun:
             log.info("%s: %s", self.p.test_id, rate.reason)
             spec = spec.model_copy(update={"target_qps": rate.value})
             result = self._attempt(spec, dataset, rate, entries)
+        if (
+            rate is not None
+            and rate.source == "capacity search"
+            and rate.value is not None
+            and result.status == "INVALID"
+            and result.queries.failed == 0
+        ):
+            # The load found sits within the search's precision of the limit; a full run there can
+            # still fail LoadGen's early stopping. One more confirmation, a step further below.
+            self._keep_attempt("confirmation-1")
+            earlier.append(
+                {
+                    "dir": str(self.test_dir / "confirmation-1"),
+                    "server_target_qps": rate.value,
+                    "status": result.status,
+                    "reason": result.reason,
+                }
+            )
+            lower = round(rate.value * (1 - 2 * self.opts.capacity_precision_pct / 100), 6)
+            rate = rate.model_copy(
+                update={
+                    "value": lower,
+                    "attempts": rate.attempts + 1,
+                    "reason": f"{rate.reason}; the full run there was INVALID, confirmed at "
+                    f"{lower:.4g} QPS (2 × the precision lower)",
+                }
+            )
+            result = self._attempt(spec.model_copy(update={"target_qps": lower}), dataset, rate, entries)
         if earlier and result.rate is not None:
             result.rate.earlier_attempts = earlier
         if self.p.mode == "performance" and self.p.scenario == "Offline":
@@ -318,23 +448,172 @@ class _TestRun:
             accuracy = AccuracyResult(error=f"the accuracy run ended {run_acc.status}: {run_acc.reason}")
         return result.model_copy(update={"compliance": ComplianceResult(TEST06=test06), "accuracy": accuracy})
 
+    def _token_count_problem(self, profile: RequestProfile | None) -> str | None:
+        """Why this case's tokens cannot be counted as asked with this server, or None."""
+        if profile is None:
+            return None
+        try:
+            source = token_source(profile, self.case.generation)
+        except PayloadError as exc:
+            return f"{self.case.source}: {exc}"
+        if source == "usage" and self.p.mode == "accuracy":
+            return (
+                f"{self.case.source}: accuracy needs the output token ids, and {profile.name}'s "
+                f"{self.case.generation.api} stream has none (tokens would be counted from usage); use "
+                "generation.api: completions for accuracy runs"
+            )
+        return None
+
     def _size_rate(self, entries: list[ConfEntry], user_conf: Path, dataset_path: Path) -> RateChoice | None:
         """The rate of this run: the user's, or derived from a measurement on this machine."""
         if self.p.mode == "accuracy":
             return None  # AccuracyOnly issues every sample once, whatever the rate
         lg_scenario = self.p.loadgen_scenario
-        choice = explicit_rate(entries, self.p.loadgen_model, lg_scenario, self.opts.target_qps)
+        o = self.opts
+        if lg_scenario == "Server" and (o.find_capacity or o.target_qps_auto):
+            stored = None if o.find_capacity else self._stored_capacity(user_conf)
+            return stored or self._capacity_rate(user_conf, dataset_path)
+        choice = explicit_rate(entries, self.p.loadgen_model, lg_scenario, o.target_qps)
         if choice is not None:
             return choice
         if lg_scenario == "SingleStream":
             return single_stream_from_warmup()
         if lg_scenario == "Offline":
             return offline_rate(self.p.loadgen_model)
+        measured = self._offline_measurement(user_conf, dataset_path)
+        return server_from_offline(measured[0], self.case.load.server_fraction, measured[1])
+
+    def _offline_measurement(self, user_conf: Path, dataset_path: Path) -> tuple[float, str]:
+        """The model's Offline samples/s this session (its Offline test, else a short probe)."""
         measured = self.suite.offline_measured.get(self.case.name)
         if measured is None:
             measured = self._offline_probe(user_conf, dataset_path)
             self.suite.offline_measured[self.case.name] = measured
-        return server_from_offline(measured[0], self.case.load.server_fraction, measured[1])
+        return measured
+
+    def _limits(self, user_conf: Path) -> tuple[Limits, EffectiveSettings]:
+        try:
+            eff = effective_settings(user_conf, self.p.loadgen_model, "Server")
+        except EffectiveSettingsError as exc:
+            raise _SizingFailed(str(exc)) from None
+        return Limits(eff.ttft_latency_ms, eff.tpot_latency_ms, eff.target_latency_percentile), eff
+
+    def _capacity_key(self, limits: Limits) -> str:
+        ep = self.endpoint
+        assert ep is not None
+        env = capture_environment(self.suite.root)
+        engine = f"{ep.kind} {ep.version} " + " ".join(stable_args(ep.argv))
+        hardware = (
+            f"{(env.get('cpu') or {}).get('model')}; GPUs: {[g.get('name') for g in env.get('gpus') or []]}"
+        )
+        return store_key(self.case.name, self.p.scenario, self.p.loadgen_model, engine, hardware, limits)
+
+    def _stored_capacity(self, user_conf: Path) -> RateChoice | None:
+        """``--harness-target-qps auto``: the capacity last found for this model, engine and hardware."""
+        limits, _ = self._limits(user_conf)
+        entry = load_store(self.opts.output_dir / CAPACITY_STORE).get(self._capacity_key(limits))
+        if not entry or not entry.get("found_qps"):
+            return None
+        return RateChoice(
+            setting="server_target_qps",
+            value=float(entry["found_qps"]),
+            source="stored capacity",
+            reason=f"the capacity found by {entry.get('test_id')} in session {entry.get('session')} "
+            f"({entry.get('binding_constraint')} bound), for this model, engine and hardware",
+            measured_from=str(entry.get("session")),
+        )
+
+    def _capacity_rate(self, user_conf: Path, dataset_path: Path) -> RateChoice:
+        """Search the highest load that meets the latency limits with short probes (loadgen.capacity)."""
+        assert self.endpoint is not None
+        o = self.opts
+        upper, upper_from = self._offline_measurement(user_conf, dataset_path)
+        limits, eff = self._limits(user_conf)
+        need = math.ceil(2 / max(1e-6, 1 - limits.percentile))  # queries for the percentile to mean something
+        queries = o.capacity_probe_queries or max(math.ceil(eff.min_query_count / 10), need)
+        duration_ms = o.capacity_probe_duration_ms or eff.min_duration_ms // 10
+        base = self._spec(user_conf, dataset_path, None)
+        self.events.message(
+            f"[harness] {self.p.test_id}: searching the capacity below {upper:.4g} QPS (the Offline "
+            f"throughput), probes of {queries} queries / {duration_ms / 1000:g} s ..."
+        )
+
+        def probe(qps: float) -> CapacityProbe:
+            n = len(search.probes) + 1
+            spec = base.model_copy(
+                update={
+                    "out_dir": str(self.test_dir / "capacity" / f"probe-{n:02d}"),
+                    "target_qps": qps,
+                    "min_duration_ms": duration_ms,
+                    "min_query_count": queries,
+                }
+            )
+            assert self.endpoint is not None
+            child = run_child(spec, self.endpoint, env=self.child_env)
+            measured = self._measure(spec, child)
+            # Judged at the percentile the full-length confirmation's early stopping will demand at this
+            # load (stricter than the scenario's at a few hundred queries), so what passes here passes there.
+            full_queries = max(eff.min_query_count, math.ceil(qps * eff.min_duration_ms / 1000))
+            at = early_stopping_percentile(full_queries, limits.percentile) or limits.percentile
+            margins = probe_margins(self._requests, limits, at)
+            passed = (
+                measured.status in FINISHED
+                and measured.queries.failed == 0
+                and all(m is not None and m <= 1.0 for m in margins.values())
+            )
+            why = None
+            if not passed:
+                why = diagnose(measured, self._checks, self._warmup, upper, []).verdict
+            self.events.message(
+                f"[harness]   probe {n}: {qps:.4g} QPS → {'pass' if passed else 'fail'} "
+                f"(at p{100 * at:.4g}: TTFT {_x(margins.get('ttft'))}, TPOT {_x(margins.get('tpot'))} "
+                "of the limits)"
+            )
+            return CapacityProbe(
+                qps=qps,
+                percentile=round(at, 4),
+                ttft_margin=margins.get("ttft"),
+                tpot_margin=margins.get("tpot"),
+                verdict="pass" if passed else "fail",
+                duration_s=round(child.duration_s, 3),
+                dir=spec.out_dir,
+                diagnosis=why,
+            )
+
+        search = CapacitySearch(probe, upper, o.capacity_precision_pct / 100, o.capacity_max_probes)
+        found = search.run().model_copy(update={"upper_bound_from": upper_from})
+        found.plot = write_capacity_plot(self.test_dir / "capacity" / "capacity.png", found, limits)
+        self._capacity = found
+        if found.found_qps is None:
+            raise _SizingFailed(
+                f"capacity search: {found.stopped_because} ({len(found.probes)} probes up to "
+                f"{upper:.4g} QPS; {self.test_dir / 'capacity'})"
+            )
+        with contextlib.suppress(OSError):
+            save_capacity(
+                self.opts.output_dir / CAPACITY_STORE,
+                self._capacity_key(limits),
+                {
+                    "found_qps": found.found_qps,
+                    "binding_constraint": found.binding_constraint,
+                    "precision": found.precision,
+                    "session": self.test_dir.parent.name,
+                    "test_id": self.p.test_id,
+                    "found_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                },
+            )
+        return RateChoice(
+            setting="server_target_qps",
+            value=found.found_qps,
+            source="capacity search",
+            reason=(
+                f"the highest load that met the latency limits in {len(found.probes)} probes: "
+                f"{found.found_qps:.4g} QPS ({found.binding_constraint} bound; the next failing load is "
+                f"{100 * (found.precision or 0):.1f} % higher)"
+            ),
+            measured_from="capacity",
+            measured_samples_per_s=upper,
+        )
 
     def _offline_probe(self, user_conf: Path, dataset_path: Path) -> tuple[float, str]:
         """A short Offline run (``load.probe_queries`` samples) that measures the model's throughput."""
@@ -357,7 +636,7 @@ class _TestRun:
                 "single_stream_latency_from_warmup": False,
             }
         )
-        child = run_child(spec, self.endpoint)
+        child = run_child(spec, self.endpoint, env=self.child_env)
         probe = self._measure(spec, child)
         if probe.samples_per_s is None or probe.queries.failed or probe.status not in FINISHED:
             raise _SizingFailed(
@@ -374,12 +653,12 @@ class _TestRun:
 
         assert self.endpoint is not None
         o = self.opts
+        server = self.endpoint.server_url()
+        # The same headers, proxies and TLS as this process; a URL's user:password goes by environment.
+        http_settings, self.child_env = self.suite.http_config().for_child(server)
         target = o.target_qps
-        if (
-            rate is not None
-            and rate.source == "measured"
-            and rate.setting != "single_stream_expected_latency_ms"
-        ):
+        sized = ("measured", "capacity search", "stored capacity")
+        if rate is not None and rate.source in sized and rate.setting != "single_stream_expected_latency_ms":
             target = rate.value  # SingleStream's measured latency is set by the runner after its warm-up
         return RunSpec(
             test_id=self.p.test_id,
@@ -389,14 +668,18 @@ class _TestRun:
             loadgen_scenario=self.p.loadgen_scenario,
             mode=self.p.mode,
             client=ClientSpec(
-                base_url=self.endpoint.base_url,
+                # run_spec.json is a file: no credentials in it (they travel by environment)
+                base_url=server.display,
                 served_model=self.endpoint.served_model,
                 generation=self.case.generation,
                 dataset=self.case.dataset,
                 dataset_path=str(Path(dataset_path).resolve()),
                 sample_count=o.sample_count,
                 request_timeout_s=o.request_timeout_s,
-                api_key_env=o.api_key_env,
+                idle_timeout_s=o.stream_idle_timeout_s,
+                max_connections=o.max_connections,
+                http=http_settings,
+                request_profile=self.endpoint.request_profile,
             ),
             performance_sample_count=self.case.dataset.performance_sample_count,
             target_qps=target,
@@ -409,6 +692,7 @@ class _TestRun:
                 and rate.setting == "single_stream_expected_latency_ms"
                 and rate.source == "measured"
             ),
+            metrics_paths=list(metrics_paths(self.endpoint.kind)),
         )
 
     def _attempt(
@@ -419,7 +703,15 @@ class _TestRun:
         self.spec = spec = spec.model_copy(update={"t0_monotonic_ns": time.monotonic_ns()})
         assert spec.t0_monotonic_ns is not None
         t0_ns = spec.t0_monotonic_ns
-        telemetry = RunTelemetry(self.endpoint.base_url, self.endpoint.headers)
+        kind = self.endpoint.kind
+        http = self.suite.http_config()
+        telemetry = RunTelemetry(
+            self.endpoint.base_url,
+            http.headers_for(self.endpoint.server_url()),
+            metrics_paths=metrics_paths(kind),
+            gpu_env=engine_gpu_env(kind, self.case.engine.env),
+            http=http,
+        )
         n = min(len(dataset), spec.client.sample_count or len(dataset))
         expected = (
             n
@@ -436,7 +728,13 @@ class _TestRun:
         )
         try:
             with self.events.live(self.p.test_id, self.test_dir / "requests.jsonl", expected) as tick:
-                child = run_child(spec, self.endpoint, lambda pid: self._started(telemetry, t0_ns, pid), tick)
+                child = run_child(
+                    spec,
+                    self.endpoint,
+                    lambda pid: self._started(telemetry, t0_ns, pid),
+                    tick,
+                    env=self.child_env,
+                )
         except KeyboardInterrupt:
             telemetry.stop()
             stopped = ChildOutcome(
@@ -465,8 +763,7 @@ class _TestRun:
         """The result of one LoadGen run from what it left on disk, each file read once."""
         out = Path(spec.out_dir)
         requests = read_requests(out / "requests.jsonl")
-        client_path = out / "client.json"
-        client: dict[str, Any] = json.loads(client_path.read_text()) if client_path.is_file() else {}
+        client, client_problem = _read_client_json(out / "client.json")
         failed = [r for r in requests if r.get("status") != "ok"]
         counts = QueryCounts(
             issued=client.get("issued", len(requests)),
@@ -501,15 +798,34 @@ class _TestRun:
                 f"LoadGen run ended without a result (runner exit code {child.returncode}); see "
                 f"{out / 'harness.log'}"
             )
+        if status in FINISHED and client_problem is not None:
+            # LoadGen judged the run, but the output checks and client numbers live in client.json:
+            # without them the run cannot be gated. Its measured numbers are kept.
+            status, reason = "ERROR", f"{client_problem}; LoadGen's verdict was {status}"
+        window = RunWindow.of(client)
         tel = TelemetryResult()
         if telemetry is not None:
             marks = None
             if lg is not None:
                 limits_ms, pct = lg.latency_limits()
                 marks = LatencyMarks(limits_ms, pct, lg.ttft_ms, lg.tpot_ms)
-            tel = telemetry.finish(out, requests, counts.output_tokens, marks)
+            try:
+                tel = telemetry.finish(out, requests, counts.output_tokens, marks, window)
+            except Exception as exc:
+                log.exception("%s: telemetry failed", self.p.test_id)
+                tel = TelemetryResult(status=f"failed: {type(exc).__name__}: {exc}")
+                if status in FINISHED:
+                    why = f"telemetry failed ({type(exc).__name__}: {exc}); see harness.log"
+                    status, reason = "ERROR", f"{why}; LoadGen's verdict was {status}"
         tel.timeline = self._rel(tel.timeline) if tel.timeline else None
         tel.plots = [self._rel(p) for p in tel.plots]
+        engine = EngineWindow.model_validate(client["engine_window"]) if client.get("engine_window") else None
+        if engine is not None and telemetry is not None and window.loadgen is not None:
+            engine = gauges_over(engine, telemetry.samples(), *window.loadgen)
+        lg_limits = limits_of(lg) if lg is not None else None
+        self._checks = constraint_checks(lg, requests, lg_limits) if lg is not None and lg_limits else []
+        self._requests = requests
+        self._warmup = client.get("warmup") or {}
         paths = {
             "test_dir": self._rel(out),
             "mlperf": self._rel(out / "mlperf"),
@@ -550,6 +866,7 @@ class _TestRun:
                 lg.tokens_per_s if lg is not None else None,
                 lg.samples_per_s if lg is not None else None,
             ),
+            engine=engine,
             client=client_stats(
                 self.p.scenario,
                 requests,
@@ -570,7 +887,7 @@ class _TestRun:
         for path in list(self.test_dir.iterdir()):
             # harness.log is still being written; user.conf is the copy every attempt reads
             if path.name not in ("harness.log", "user.conf") and not path.name.startswith(
-                ("attempt-", "probe-")
+                ("attempt-", "probe-", "confirmation-", "capacity")
             ):
                 shutil.move(str(path), dest / path.name)
 
@@ -587,7 +904,7 @@ class _TestRun:
         return acc
 
     # -- metadata and gate -------------------------------------------------------------------------
-    def _error(self, reason: str, skippable: bool = False) -> Outcome:
+    def _error(self, reason: str, skippable: bool = False, status: Status = "ERROR") -> Outcome:
         """A test that could not run: still a result, like any other failed test."""
         result = BenchmarkResult(
             test_id=self.p.test_id,
@@ -595,7 +912,7 @@ class _TestRun:
             scenario=self.p.scenario,
             mode=self.p.mode,
             loadgen_model=self.p.loadgen_model,
-            status="ERROR",
+            status=status,
             reason=reason,
             paths={"test_dir": self._rel(self.test_dir)},
         )
@@ -604,13 +921,64 @@ class _TestRun:
         return outcome
 
     def _finish(self, result: BenchmarkResult) -> Outcome:
-        metadata = self._metadata(result)
-        gate, baseline, client_bound = self._gate(result, metadata)
+        """Metadata and gate, then one redaction of both; a failure in either is an ERROR result that
+        keeps every measured number, never a lost one."""
+        result = result.model_copy(update={"capacity": self._capacity})
+        try:
+            metadata = self._metadata(result)
+        except Exception as exc:
+            log.exception("%s: metadata failed", self.p.test_id)
+            result = _errored(result, f"metadata failed: {type(exc).__name__}: {exc}")
+            metadata = self._bare_metadata(result)
+        try:
+            gate, baseline, client_bound = self._gate(result, metadata)
+        except Exception as exc:
+            log.exception("%s: gating failed", self.p.test_id)
+            why = f"gating failed: {type(exc).__name__}: {exc}"
+            result = _errored(result, why)
+            gate = [Violation.make("gate", "not evaluated", "evaluated", "must_equal", "gate", why)]
+            baseline, client_bound = None, []
         client = result.client.model_copy(update={"client_bound": client_bound})
+        diagnosis = None
+        if self.p.mode == "performance" and (result.status == "INVALID" or client_bound):
+            measured = self.suite.offline_measured.get(self.case.name)
+            diagnosis = diagnose(
+                result.model_copy(update={"client": client}),
+                self._checks,
+                self._warmup,
+                measured[0] if measured else None,
+                client_bound,
+            )
         final = result.model_copy(
-            update={"gate": gate, "baseline": baseline, "client": client, "repeat": self.p.repeat}
+            update={
+                "gate": gate,
+                "baseline": baseline,
+                "client": client,
+                "diagnosis": diagnosis,
+                "repeat": self.p.repeat,
+            }
         )
-        return Outcome(final, metadata)
+        return Outcome(
+            BenchmarkResult.model_validate(redaction.data(final.model_dump(mode="json"))),
+            Metadata.model_validate(redaction.data(metadata.model_dump(mode="json"))),
+        )
+
+    def _bare_metadata(self, result: BenchmarkResult) -> Metadata:
+        """Enough metadata to write the result files when the full one could not be built."""
+        return Metadata(
+            test_id=result.test_id,
+            nodeid=self.nodeid,
+            case={"name": self.case.name},
+            scenario=self.p.scenario,
+            mode=self.p.mode,
+            started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
+            finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
+            outputs={
+                "test_dir": self._rel(self.test_dir),
+                "result": self._rel(self.test_dir / "result.yaml"),
+                "metadata": self._rel(self.test_dir / "metadata.yaml"),
+            },
+        )
 
     def _metadata(self, result: BenchmarkResult) -> Metadata:
         secrets = self.suite.secrets()
@@ -619,11 +987,13 @@ class _TestRun:
         if ep is not None:
             engine = EngineInfo(
                 kind=ep.kind,
-                base_url=scrub_url_credentials(ep.base_url),
+                base_url=redaction.scrub_url(ep.base_url),
                 served_model=ep.served_model,
                 version=ep.version,
                 # The session folder's own path is machine-specific: <session> stands for it.
-                argv=[a.replace(str(self.session_dir), "<session>") for a in redact_argv(ep.argv, secrets)],
+                argv=[
+                    a.replace(str(self.session_dir), "<session>") for a in redaction.argv(ep.argv, secrets)
+                ],
                 log=self._rel(ep.log_path) if ep.log_path else None,
                 pid=ep.pid,
                 start_s=ep.info.get("start_s"),
@@ -638,12 +1008,12 @@ class _TestRun:
             test_id=result.test_id,
             session=self.session_dir.name,
             nodeid=self.nodeid,
-            case=self.case.model_dump(mode="json"),
+            case=_redacted_case(self.case),
             scenario=self.p.scenario,
             mode=self.p.mode,
             engine=engine,
             run_spec=run_spec,
-            command_line=redact_argv(self.suite.command_line, secrets),
+            command_line=redaction.argv(self.suite.command_line, secrets),
             cwd=str(self.suite.cwd),
             started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
             finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -655,7 +1025,7 @@ class _TestRun:
                 **result.paths,
             },
             mlflow=(
-                {"tracking_uri": scrub_url_credentials(o.mlflow_uri), "experiment_name": o.mlflow_experiment}
+                {"tracking_uri": redaction.scrub_url(o.mlflow_uri), "experiment_name": o.mlflow_experiment}
                 if o.mlflow_uri
                 else None
             ),
@@ -742,6 +1112,45 @@ def _limits(lg: LoadGenRun | None) -> LatencyLimits | None:
     return LatencyLimits(ttft_ms=limits.get("ttft"), tpot_ms=limits.get("tpot"), percentile=pct)
 
 
+def _errored(result: BenchmarkResult, why: str) -> BenchmarkResult:
+    """The same measurements, with status ERROR and why (appended to any earlier reason)."""
+    reason = f"{why}; earlier: {result.status}" + (f" ({result.reason})" if result.reason else "")
+    return result.model_copy(update={"status": "ERROR", "reason": reason})
+
+
+def _redacted_case(case: BenchmarkCase) -> dict[str, Any]:
+    """The case for metadata.yaml: the engine's secret-looking env values and args hidden."""
+    data = case.model_dump(mode="json")
+    engine = data["engine"]
+    engine["env"] = redaction.env(engine.get("env") or {})
+    engine["args"] = redaction.engine_args(engine.get("args") or {})
+    return data
+
+
+def _read_client_json(path: Path) -> tuple[dict[str, Any], str | None]:
+    """client.json's summary, or ({}, why not). Written atomically by the runner, so a torn file
+    means something else wrote it; either way the counts then come from requests.jsonl."""
+    if not path.is_file():
+        return {}, f"the LoadGen runner left no {path.name} (output checks and client numbers)"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {}, f"{path} is unreadable ({exc})"
+    if not isinstance(data, dict):
+        return {}, f"{path} holds {type(data).__name__}, not the runner's summary"
+    return data, None
+
+
+def _vocab(case: BenchmarkCase) -> tuple[int, str] | None:
+    """(vocabulary size, where it was read) of the case's model when its files are here."""
+    from .accuracy.run import AccuracyRunError, tokenizer_dir
+
+    try:
+        return vocab_size(tokenizer_dir(case))
+    except (AccuracyRunError, OSError):
+        return None
+
+
 def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -756,3 +1165,7 @@ def _rate_record(rate: RateChoice | None, client: dict[str, Any]) -> RateChoice 
             update={"reason": "the warm-up request failed, so LoadGen's configured value was used"}
         )
     return rate.model_copy(update={"value": measured})
+
+
+def _x(margin: float | None) -> str:
+    return "-" if margin is None else f"{margin:.2f}×"

@@ -19,17 +19,19 @@ from typing import Any, Literal
 
 import pytest
 
-from . import hookspecs
+from . import hookspecs, redaction
+from .client.httpconfig import HttpConfig, ServerUrl
 from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs
 from .gating import GateError, load_threshold_overrides
 from .loadgen.userconf import UserConfError, parse_user_conf
-from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root
+from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root, check_writable_file
 from .pipeline import Events, Outcome, ProgressTick, RunInterrupted, Suite, run_test
 from .progress import RunProgress
 from .reporting import RESULT_PROP, STATE, HarnessState, register_reporters, session_dir, write_test_files
 from .results import BenchmarkResult
 from .servers import Endpoint, EngineError
 from .servers.manager import EngineManager
+from .servers.process import OWNED
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -40,14 +42,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "LLM serving benchmarks (harness-fixtures)")
     for opt in OPTIONS:
         extra: dict[str, Any] = {"action": "store_true"} if opt.kind == "bool" else {}
+        if opt.kind == "list":
+            extra["action"] = "append"
         if opt.choices:
             extra["choices"] = opt.choices
         help_ = f"{opt.help} Default: {opt.default}."
         group.addoption(opt.flag, dest=opt.dest, default=None, help=help_, **extra)
-        ini_type: Literal["bool", "string"] = "bool" if opt.kind == "bool" else "string"
-        parser.addini(
-            opt.dest, help=help_, type=ini_type, default=False if opt.kind == "bool" else opt.default
+        ini_type: Literal["bool", "string", "linelist"] = (
+            "bool" if opt.kind == "bool" else "linelist" if opt.kind == "list" else "string"
         )
+        default: Any = False if opt.kind == "bool" else [] if opt.kind == "list" else opt.default
+        parser.addini(opt.dest, help=help_, type=ini_type, default=default)
 
 
 def _raw(config: pytest.Config) -> Any:
@@ -57,7 +62,7 @@ def _raw(config: pytest.Config) -> Any:
             return cli, "cli"
         ini = config.getini(opt.dest)
         # An ini value equal to the built-in default is the default (relative to the rootdir alike).
-        return (ini, "ini") if ini not in (None, "", False) else (None, None)
+        return (ini, "ini") if ini not in (None, "", False, []) else (None, None)
 
     return get
 
@@ -66,6 +71,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Every option, file and case is read and checked here, once: a bad one is a usage error before
     any engine starts."""
     config.addinivalue_line("markers", "harness_benchmark: a LoadGen benchmark test of the harness")
+    redaction.protect_loggers()
     try:
         options = HarnessOptions.build(_raw(config), config.invocation_params.dir, config.rootpath)
         suite = Suite(
@@ -74,21 +80,37 @@ def pytest_configure(config: pytest.Config) -> None:
             command_line=list(config.invocation_params.args),
             cwd=config.invocation_params.dir,
         )
+        # Options (headers, keys, TLS files) checked now; the environment's proxies and CA variables at
+        # the first request, so runs without benchmarks never fail on them.
+        suite.http = HttpConfig.from_options(options, check_environment=False)
+        if options.server_url:
+            suite.http.headers_for(ServerUrl.parse(options.server_url, "--harness-server-url"))
         state = HarnessState(suite)
         if options.models_dir is not None and (options.models_dir.is_dir() or options.models_dir_explicit):
             state.cases = load_cases(options.models_dir)
         if options.user_conf is not None and (options.user_conf.is_file() or options.user_conf_explicit):
             parse_user_conf(options.user_conf)
+        if state.cases is not None:
+            for case in state.cases:  # hidden from every file, log and terminal line from now on
+                redaction.add_secrets(redaction.case_secrets(case.engine.model_dump()))
+            suite.check_user_confs(state.cases)  # every line's model name is one a case uses
         if options.thresholds is not None:
             from .config import Thresholds
 
+            names = None
+            if state.cases is not None:
+                names = {c.name for c in state.cases} | {
+                    r.test_id for c in state.cases for r in plan_runs(c, options.mode)
+                }
             suite.threshold_overrides = load_threshold_overrides(
-                options.thresholds, set(Thresholds.model_fields)
+                options.thresholds, set(Thresholds.model_fields), names
             )
         if options.baseline is not None:
             from .gating import Baseline
 
             suite.baseline = Baseline.load(options.baseline)
+        if options.save_baseline is not None:
+            check_writable_file(options.save_baseline, "--harness-save-baseline")
         if options.output_dir_explicit and not hasattr(config, "workerinput"):
             check_output_root(options.output_dir)  # ini values: once harness tests are selected
     except (OptionError, ConfigError, UserConfError, GateError) as exc:
@@ -97,6 +119,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         sd = config.workerinput.get("harness_session_dir")
         state.session_dir = Path(sd) if sd else None
+        OWNED.track_in(state.session_dir)  # this worker's own pidfile in the controller's folder
     else:
         register_reporters(config, state)
 
@@ -144,6 +167,7 @@ class TerminalEvents(Events):
         return capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
 
     def message(self, text: str) -> None:
+        text = redaction.text(text)
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is None or hasattr(self.config, "workerinput"):
             super().message(text)
@@ -187,6 +211,7 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
     manager = EngineManager(
         server_url=options.server_url,
         api_key=options.api_key(),
+        http=pytestconfig.stash[STATE].suite.http_config(),
         make_launcher=lambda kind: pytestconfig.hook.pytest_harness_make_launcher(
             config=pytestconfig, kind=kind
         ),
@@ -198,6 +223,7 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
     finally:
         manager.stop()
         signal.signal(signal.SIGTERM, previous)
+        pytestconfig.stash[STATE].suite.http_config().close()
 
 
 def _install_sigterm() -> Any:
@@ -237,7 +263,7 @@ def harness_engine(
     try:
         return harness_engines.get(harness_case, engine_dir)
     except EngineError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        pytest.fail(redaction.text(str(exc)), pytrace=False)
 
 
 class HarnessBenchmark:
@@ -304,6 +330,9 @@ class HarnessBenchmark:
             r = result.rate
             value = "as configured" if r.value is None else f"{r.value:g}"
             lines.append(f"load: {r.setting} {value} ({r.source}: {r.reason})")
+        if result.diagnosis is not None:
+            lines.append(f"why: {result.diagnosis.verdict}")
+            lines.append(f"next: {result.diagnosis.next_step}")
         if result.status in ("ERROR", "TIMEOUT") and result.reason and "\n" in result.reason:
             lines.append(result.reason)
         pytest.fail("\n".join(lines), pytrace=False)

@@ -12,18 +12,19 @@ import datetime as dt
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from . import redaction
 from .config import BenchmarkCase
-from .environment import redact_argv
 from .gating import baseline_entry, hardware_of, merge_repeats, save_baseline
 from .options import OptionError, check_output_root
 from .pipeline import Suite
 from .results import SCHEMA_VERSION, SessionFile, write_text, write_yaml
+from .servers.process import OWNED, stop_leftovers
 from .table import BY_NAME, flat_row, repeat_summary, to_csv
 
 log = logging.getLogger("harness_fixtures")
@@ -37,6 +38,7 @@ class HarnessState:
     suite: Suite
     cases: list[BenchmarkCase] | None = None
     session_dir: Path | None = None
+    leftovers: list[str] = field(default_factory=list)  # processes of killed sessions, stopped
 
 
 STATE = pytest.StashKey[HarnessState]()
@@ -75,6 +77,10 @@ def session_dir(state: HarnessState) -> Path:
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # Before any engine of this session starts: what a killed earlier session left running.
+    state.leftovers = stop_leftovers(root) if root.is_dir() else []
+    for message in state.leftovers:
+        log.warning("%s", message)
     try:
         root.mkdir(parents=True, exist_ok=True)
         n = 0
@@ -91,6 +97,7 @@ def session_dir(state: HarnessState) -> Path:
             "pass --harness-output-dir DIR (a writable folder)"
         ) from None
     state.session_dir = candidate
+    OWNED.track_in(candidate)
     return candidate
 
 
@@ -164,6 +171,7 @@ class HarnessReporter:
         self.write_errors: list[str] = []
         self.started = time.time()
         self.submission: list[str] = []  # lines for the terminal: where the tree is, what the check said
+        self.leftovers_shown = False
 
     @pytest.hookimpl(trylast=True)  # after -k/-m deselection
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -171,6 +179,11 @@ class HarnessReporter:
         a usage error before any engine starts, not an error in every test."""
         if not config.option.collectonly and any(i.get_closest_marker("harness_benchmark") for i in items):
             session_dir(self.state)
+            tr = config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None:
+                for message in self.state.leftovers:
+                    tr.write_line(f"harness: {message}", yellow=True)
+                self.leftovers_shown = True
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -215,8 +228,15 @@ class HarnessReporter:
             try:
                 entries = {t: merge_repeats(e) for t, e in self.baseline_entries.items()}
                 save_baseline(save, entries, self.hardware)
-            except OSError as exc:
-                self.write_errors.append(f"cannot write the baseline {save}: {exc.strerror or exc}")
+            except Exception as exc:  # never the end of the session: session.yaml and the table follow
+                why = (
+                    exc.strerror
+                    if isinstance(exc, OSError) and exc.strerror
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                self.write_errors.append(
+                    f"cannot write the baseline {save}: {why}; the results are in the session folder"
+                )
         if state.session_dir is not None and not self.results:
             with contextlib.suppress(OSError):
                 state.session_dir.rmdir()  # claimed but unused (e.g. all tests skipped); only if empty
@@ -228,7 +248,7 @@ class HarnessReporter:
                 started_utc=dt.datetime.fromtimestamp(self.started, dt.timezone.utc).isoformat(),
                 finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(),
                 # as in metadata.yaml: no API key value, no credentials in URLs
-                command_line=redact_argv(list(self.config.invocation_params.args), secrets),
+                command_line=redaction.argv(list(self.config.invocation_params.args), secrets),
                 results=self.results,
                 repeats=repeat_summary(self.results),
             )
@@ -256,6 +276,9 @@ class HarnessReporter:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         tr = terminalreporter
+        if not self.leftovers_shown:  # xdist: the controller claims the folder before collection
+            for message in self.state.leftovers:
+                tr.write_line(f"harness: {message}", yellow=True)
         for message in self.write_errors:
             tr.write_line(f"harness: {message}", red=True)
         if not self.results:
@@ -273,6 +296,9 @@ class HarnessReporter:
                 tr.write_line(f"{r['test_id']} FAILED:", red=True)
                 for v in r["gate"]:
                     tr.write_line(f"  - {v['message']}", red=True)
+                if r.get("diagnosis"):
+                    tr.write_line(f"  why: {r['diagnosis']['verdict']}", red=True)
+                    tr.write_line(f"  next: {r['diagnosis']['next_step']}", red=True)
         repeats = repeat_summary(self.results)
         if repeats:
             tr.write_line("")

@@ -2,12 +2,14 @@
 
 Every file carries ``schema_version``; tools read results through :meth:`BenchmarkResult.load`,
 :meth:`Metadata.load` and :meth:`SessionFile.load`. Writes are atomic (a temporary file, fsync, rename),
-so a reader or a crash never sees half a file.
+so a reader or a crash never sees half a file, and pass through the one redaction
+(:mod:`harness_fixtures.redaction`), so no secret reaches a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +17,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 3  # 3: min, requests:, latency_limits:, compliance:, repeat; relative paths
+from . import redaction
+
+# 3: min, requests:, latency_limits:, compliance:, repeat, capacity:, engine:, diagnosis:; relative paths
+SCHEMA_VERSION = 3
 
 Status = Literal["VALID", "INVALID", "ERROR", "INTERRUPTED", "TIMEOUT"]
 Direction = Literal["higher_is_better", "lower_is_better", "must_equal"]
@@ -115,6 +120,11 @@ class ClientStats(_Model):
         None, description="Share of 1-s samples with the busiest client process at >= 90 % of a core."
     )
     cpu_samples: int | None = None
+    token_count: str | None = Field(
+        None, description="How output tokens were counted: token ids per chunk, or usage.completion_tokens."
+    )
+    max_connections: int | None = Field(None, description="Connections per client process, at most.")
+    connections_note: str | None = Field(None, description="Why fewer connections than asked (file limit).")
     client_bound: list[str] = Field(default_factory=list, description="Why the client set the pace.")
 
 
@@ -135,7 +145,9 @@ class RateChoice(_Model):
     value: float | None = Field(
         description="What LoadGen was given; None: as user.conf / mlperf.conf set it, or not measured."
     )
-    source: Literal["command line", "user.conf", "measured", "loadgen default"]
+    source: Literal[
+        "command line", "user.conf", "measured", "loadgen default", "capacity search", "stored capacity"
+    ]
     reason: str
     measured_from: str | None = Field(None, description="Test id or folder whose measurement sized it.")
     measured_samples_per_s: float | None = None
@@ -145,6 +157,109 @@ class RateChoice(_Model):
     earlier_attempts: list[dict[str, Any]] = Field(
         default_factory=list, description="Offline attempts that ended before min_duration, kept on disk."
     )
+
+
+class GpuWatched(_Model):
+    """One GPU the NVML collector watched (harness_fixtures.metrics.nvml)."""
+
+    nvml_index: int = Field(description="NVML's index, as nvidia-smi shows it; the timeline's gpu<i>.")
+    uuid: str | None = None
+    name: str | None = None
+    cuda_index: int | None = Field(None, description="The engine's CUDA device ordinal, when known.")
+    mig_instance: str | None = Field(None, description="The MIG instance the engine was given on it.")
+    energy_j: float | None = Field(None, description="Joules over LoadGen's measured window.")
+    energy_source: Literal["counter", "power_integral"] | None = Field(
+        None, description="The driver's energy counter (mJ), or power samples (mW) integrated."
+    )
+    note: str | None = None
+
+
+class GpuTelemetry(_Model):
+    """Which GPUs were measured and why, and what went wrong reading them."""
+
+    selection: str = Field(description="What chose the GPUs (the engine's CUDA_VISIBLE_DEVICES ...).")
+    warnings: list[str] = Field(default_factory=list, description="What could make the choice wrong.")
+    watched: list[GpuWatched] = Field(default_factory=list)
+    issues: dict[str, str] = Field(
+        default_factory=dict, description="gpu<i> or gpu<i>.<field> → what failed (the rest was kept)."
+    )
+
+
+class CapacityProbe(_Model):
+    """One short LoadGen run of the capacity search."""
+
+    qps: float
+    percentile: float | None = Field(
+        None,
+        description="The percentile (0–1) the probe was judged at: what LoadGen's early stopping demands "
+        "of a full-length run at this load (at least the scenario's).",
+    )
+    ttft_margin: float | None = Field(None, description="Observed TTFT at that percentile / limit.")
+    tpot_margin: float | None = Field(None, description="Observed TPOT at that percentile / limit.")
+    verdict: Literal["pass", "fail"] = Field(description="pass: every margin ≤ 1 and no request failed.")
+    duration_s: float
+    dir: str | None = None
+    diagnosis: str | None = Field(None, description="Why a failed probe failed (the diagnosis verdict).")
+
+
+class CapacityResult(_Model):
+    """``capacity:`` of result.yaml: what the search found and how."""
+
+    found_qps: float | None = Field(description="The highest load that passed; None when none did.")
+    binding_constraint: Literal["ttft", "tpot"] | None = Field(
+        None, description="The limit that stopped higher loads."
+    )
+    precision: float | None = Field(None, description="(lowest failing − found) / lowest failing.")
+    target_precision: float
+    upper_bound_qps: float
+    upper_bound_from: str | None = None
+    lowest_failing_qps: float | None = None
+    probes: list[CapacityProbe] = Field(default_factory=list)
+    stopped_because: str = ""
+    plot: str | None = None
+
+
+class HistogramWindow(_Model):
+    """An engine histogram over LoadGen's measured window: its count, mean and bucket quantiles (s)."""
+
+    count: float
+    mean: float | None = None
+    p50: float | None = None
+    p99: float | None = None
+
+
+class EngineWindow(_Model):
+    """The engine's own view over LoadGen's measured window (the warm-up left out): counter deltas,
+    histogram deltas and what the timeline showed, read from its /metrics."""
+
+    generation_tokens: float | None = None
+    prompt_tokens: float | None = None
+    requests: float | None = None
+    preemptions: float | None = None
+    histograms: dict[str, HistogramWindow] = Field(
+        default_factory=dict, description="ttft, itl, e2e, queue, prefill … in seconds."
+    )
+    waiting_share: float | None = Field(
+        None, description="Share of the window's samples with requests waiting in the engine queue."
+    )
+    kv_cache_peak: float | None = Field(None, description="Highest KV-cache usage seen (0–1).")
+
+
+class ConstraintCheck(_Model):
+    name: Literal["ttft", "tpot"]
+    observed_ms: float | None
+    limit_ms: float
+    percentile: float
+    margin: float | None
+
+
+class Diagnosis(_Model):
+    """Why a run (or a probe) was INVALID, from data already collected."""
+
+    verdict: str = Field(description="One line: what limited the run.")
+    next_step: str = Field(description="What to try next.")
+    constraints: list[ConstraintCheck] = Field(default_factory=list)
+    evidence: dict[str, Any] = Field(default_factory=dict)
 
 
 class TelemetryResult(_Model):
@@ -157,11 +272,17 @@ class TelemetryResult(_Model):
     timeline_error: str | None = None
     plots: list[str] = Field(default_factory=list)
     plots_error: str | None = None
-    gpu_energy_j: float | None = None
-    energy_j_per_output_token: float | None = None
-    engine_generation_tokens: float | None = Field(
-        None, description="The engine's own generated-token counter delta over the test."
+    gpu: GpuTelemetry | None = None
+    gpu_energy_j: float | None = Field(
+        None, description="Joules the engine's GPUs used over LoadGen's measured window."
     )
+    energy_j_per_output_token: float | None = Field(
+        None, description="gpu_energy_j / output tokens of LoadGen's queries (same window)."
+    )
+    energy_window_s: list[float] | None = Field(
+        None, description="[start, end] of LoadGen's run, seconds since the test's t0 (timeline clock)."
+    )
+    energy_note: str | None = Field(None, description="Why gpu_energy_j is missing, when it is.")
 
 
 class AccuracyResult(_Model):
@@ -266,6 +387,9 @@ class BenchmarkResult(_Model):
         None, description="The TTFT/TPOT limits LoadGen checked (Server scenarios with token latencies)."
     )
     requests: RequestMetrics = Field(default_factory=RequestMetrics)
+    capacity: CapacityResult | None = None
+    engine: EngineWindow | None = None
+    diagnosis: Diagnosis | None = None
     client: ClientStats = Field(default_factory=ClientStats)
     telemetry: TelemetryResult = Field(default_factory=TelemetryResult)
     accuracy: AccuracyResult | None = None
@@ -342,12 +466,23 @@ class SessionFile(_Model):
 
 
 def write_yaml(path: Path, data: Any) -> None:
-    """Write atomically and durably: a temporary file beside it, fsync, rename; no leftover on failure."""
-    write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    """Write atomically and durably, with every secret hidden (:mod:`harness_fixtures.redaction`)."""
+    write_text_atomic(path, yaml.safe_dump(redaction.data(data), sort_keys=False, allow_unicode=True))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """As :func:`write_yaml`, as JSON (client.json, run_spec.json)."""
+    write_text_atomic(path, json.dumps(redaction.data(data), indent=1))
 
 
 def write_text(path: Path, text: str) -> None:
-    """:func:`write_yaml`'s atomic, durable write for any text (result.json, session.csv)."""
+    """As :func:`write_yaml`, for text already formatted (result.json, session.csv)."""
+    write_text_atomic(path, redaction.text(text))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A temporary file beside ``path``, fsync, rename: a reader or a crash never sees half a file,
+    and a failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as fh:

@@ -25,6 +25,7 @@ from harness_fixtures.servers import Endpoint
 # satisfiable with a dozen queries (p99 needs ~460); latency limits are far above the simulator's.
 TINY_USER_CONF = """\
 tiny.*.performance_sample_count_override = 16
+tiny.*.use_token_latencies = 1
 tiny.Offline.target_qps = 100
 tiny.Offline.min_duration = 200
 tiny.Offline.min_query_count = 1

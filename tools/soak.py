@@ -60,6 +60,7 @@ def write_inputs(work: Path, samples: int, prompt_len: int, qps: float, duration
     # Latency limits far above the simulator's: validity is not what this measures.
     conf.write_text(
         f"{LOADGEN_MODEL}.*.performance_sample_count_override = {samples}\n"
+        f"{LOADGEN_MODEL}.*.use_token_latencies = 1\n"
         f"{LOADGEN_MODEL}.Server.target_qps = {qps}\n"
         f"{LOADGEN_MODEL}.Server.min_duration = {int(duration_s * 1000)}\n"
         f"{LOADGEN_MODEL}.Server.min_query_count = 1\n"

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DatasetSpec
 from ..dataset import DatasetError, load_dataset
+from ..results import write_text_atomic
 from ..stats import round4
 from .punkt import PunktUnavailableError, ensure_punkt
 
@@ -347,7 +348,7 @@ def write_accuracy_txt(path: Path, scores: AccuracyScores, accuracy_log: Path | 
         raise ValueError("no hash for accuracy.txt: pass accuracy_log= or scores from score_accuracy_log()")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"\nResults\n\n{reference_result_line(scores)}\n\nhash={digest}\n", encoding="utf-8")
+    write_text_atomic(path, f"\nResults\n\n{reference_result_line(scores)}\n\nhash={digest}\n")
     return path
 
 

@@ -7,7 +7,7 @@ server, sets the pace (docs/performance.md). :class:`FanoutClient` has the in-pr
 
 Channel: two pipes per worker, newline-framed text. Runner → worker: the run spec (first line), then
 ``<issued_ns> <qid>,<idx> <qid>,<idx> ...`` per LoadGen issue call, ``W <idx>`` for a warm-up request.
-Worker → runner: ``H`` (ready), ``F <qid> <ns> <token id>`` (first token), ``C <json>`` (completed),
+Worker → runner: ``H`` (ready), ``F <qid> <ns> <token id or ->`` (first token), ``C <json>`` (completed),
 ``R <json>`` (warm-up done), ``S <json>`` (CPU stats, at exit). One receiver thread in the runner reads
 every worker and calls LoadGen's FirstTokenComplete / QuerySamplesComplete itself, so LoadGen hears of a
 token one pipe hop after the worker saw it. When a worker dies, each query it held completes as a failure
@@ -254,7 +254,8 @@ class FanoutClient:
             if slot is None:
                 return
             slot[2] = int(ns)
-            rec = RequestRecord(qid, slot[0], slot[1], first_token_ns=slot[2], first_token_id=int(tok))
+            first_id = None if tok == b"-" else int(tok)
+            rec = RequestRecord(qid, slot[0], slot[1], first_token_ns=slot[2], first_token_id=first_id)
             self._on_first_token(rec)
         elif kind == b"C":
             rec = _record_from(json.loads(line[2:]))
@@ -371,7 +372,9 @@ def worker_main(index: int, in_fd: int, out_fd: int) -> int:
     spec = ClientSpec.model_validate_json(spec_line)
 
     def on_first(rec: RequestRecord) -> None:
-        send(b"F %d %d %d\n" % (rec.query_id, rec.first_token_ns, rec.first_token_id or 0))
+        # "-": no id (tokens counted from usage); never a made-up 0
+        tok = b"-" if rec.first_token_id is None else b"%d" % rec.first_token_id
+        send(b"F %d %d %s\n" % (rec.query_id, rec.first_token_ns, tok))
 
     def on_complete(rec: RequestRecord) -> None:
         send(b"C " + json.dumps(_record_to(rec), separators=(",", ":")).encode() + b"\n")
@@ -380,6 +383,8 @@ def worker_main(index: int, in_fd: int, out_fd: int) -> int:
 
     client = StreamingClient(spec, spec.load_prompts(), on_first, on_complete)
     client.start()
+    if client.connections_note:
+        print(f"client worker {index}: {client.connections_note}", flush=True)
     cpu: CpuSampler | None = None  # from the first query on: the run, not the start-up
     send(b"H\n")
     buf = rest

@@ -141,6 +141,9 @@ def client_stats(
         cpu_pct=client.get("cpu_pct_total", client.get("cpu_pct")),
         cpu_bound_fraction=client.get("cpu_bound_fraction"),
         cpu_samples=client.get("cpu_samples"),
+        token_count=client.get("token_count"),
+        max_connections=client.get("max_connections"),
+        connections_note=client.get("connections_note"),
     )
 
 

@@ -3,31 +3,38 @@ its in-process client and, as JSON, to each fan-out worker process."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DatasetSpec, GenerationSpec
 from ..dataset import load_dataset
+from .httpconfig import HttpSettings
+from .payload import VLLM, RequestProfile, TokenSource, token_source
 
 
 class ClientSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    base_url: str
+    base_url: str = Field(description="The server URL, without credentials (they travel in the environment).")
     served_model: str
     generation: GenerationSpec
     dataset: DatasetSpec
     dataset_path: str
     sample_count: int | None = Field(None, description="Use only the first N samples.")
-    request_timeout_s: float = 600.0
-    max_connections: int = 1024
-    api_key_env: str | None = Field(
-        None, description="The NAME of the variable; its value never touches disk."
+    request_timeout_s: float = Field(600.0, description="Per-request deadline, from the moment it is sent.")
+    idle_timeout_s: float | None = Field(
+        120.0, description="An answer that started, then sent nothing for this long, fails; None: off."
     )
+    max_connections: int = Field(1024, description="Connections per client process, at most.")
+    http: HttpSettings = Field(
+        default_factory=HttpSettings, description="Headers, proxies, TLS (no secrets)."
+    )
+    request_profile: RequestProfile = Field(VLLM, description="The request fields the server accepts.")
 
-    def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+    @property
+    def token_source(self) -> TokenSource:
+        """token_ids or usage: how this run counts output tokens (client.payload.token_source)."""
+        return token_source(self.request_profile, self.generation)
 
     def load_prompts(self) -> list[list[int] | str]:
         """What is sent per sample index: token ids (completions) or the input text (chat)."""

@@ -2,10 +2,13 @@
 
 Measured as the best single-process design (docs/performance.md): callers hand work over with
 ``submit`` (thread-safe, returns at once) and get ``on_first_token`` / ``on_complete`` callbacks on
-the loop thread with the timestamps the loop observed. Token ids come from the server's per-chunk
-``token_ids`` (vLLM's ``return_token_ids``); a request that fails is reported with an error and no
-tokens — never with made-up ones. HTTP goes through :mod:`harness_fixtures.client.http`, which parses
-SSE events inside the protocol callback (half the CPU per request of aiohttp's stream reader).
+the loop thread with the timestamps the loop observed. Output tokens are counted the way the server's
+request profile says (:mod:`harness_fixtures.client.payload`): token ids per chunk (vLLM's
+``return_token_ids``, SGLang's, trtllm-serve's ``detokenize: false``) checked against the usage
+chunk, or ``usage.completion_tokens`` where the stream carries no ids. A request that fails is
+reported with an error and no tokens, never with made-up ones. HTTP goes through
+:mod:`harness_fixtures.client.http`, which parses SSE events inside the protocol callback (half the
+CPU per request of aiohttp's stream reader).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .http import ConnectionPool, HttpError, RequestTimeout, Response
+from .httpconfig import HttpConfig, ServerUrl
+from .payload import build_payload
+from .sizing import fit_connections_to_fd_limit
 from .spec import ClientSpec
 
 # The fast path of a token chunk: vLLM's compact JSON puts each choice's ids after this key.
@@ -57,7 +63,12 @@ CompleteCallback = Callable[[RequestRecord], None]
 
 
 class StreamingClient:
-    """Sends prompts, streams answers, reports first token and completion through callbacks."""
+    """Sends prompts, streams answers, reports first token and completion through callbacks.
+
+    :param http: the HTTP configuration; default: built from ``spec.http`` in this process (``env:``
+        values and the server URL's credentials are read here).
+    :raises HttpConfigError: a header, credential, proxy or TLS setting that cannot be used.
+    """
 
     def __init__(
         self,
@@ -65,8 +76,14 @@ class StreamingClient:
         prompts: Sequence[list[int] | str],
         on_first_token: FirstTokenCallback,
         on_complete: CompleteCallback,
+        http: HttpConfig | None = None,
     ) -> None:
         self.spec = spec
+        self.url = ServerUrl.parse(spec.base_url)
+        # The environment's proxies and CA variables are checked when a request needs them.
+        self.http = http or HttpConfig.build(spec.http, check_environment=False)
+        self.http.headers_for(self.url)  # a credential conflict fails here, not in the loop thread
+        self.token_source = spec.token_source
         self._prompts = prompts
         self._on_first_token = on_first_token
         self._on_complete = on_complete
@@ -75,19 +92,20 @@ class StreamingClient:
         self._pool: ConnectionPool | None = None
         self._bodies: dict[int, bytes] = {}  # encoded request body per sample (Server re-sends samples)
         self._ready = threading.Event()
+        self._start_error: BaseException | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.records: list[RequestRecord] = []
         self.failed = 0
         self.first_error: str | None = None
+        self.max_connections = spec.max_connections
+        self.connections_note: str | None = None  # why fewer connections than asked for (file limit)
         self._path = "/v1/completions" if spec.generation.api == "completions" else "/v1/chat/completions"
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        api_key = spec.api_key()
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
         self._head = b""
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the loop thread; raises what stopped it from starting (never a silent dead thread)."""
         try:
             import uvloop
 
@@ -96,21 +114,30 @@ class StreamingClient:
             self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="harness-client", daemon=True)
         self._thread.start()
-        self._ready.wait(30)
+        if not self._ready.wait(30):
+            raise RuntimeError("the client's event loop did not start within 30 s")
+        if self._start_error is not None:
+            raise self._start_error
 
     def _run_loop(self) -> None:
         assert self._loop is not None
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._open())
+        try:
+            self._loop.run_until_complete(self._open())
+        except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
         self._ready.set()
         self._loop.run_forever()
 
     async def _open(self) -> None:
-        self._pool = ConnectionPool(self.spec.base_url, limit=self.spec.max_connections)
+        self.max_connections, self.connections_note = fit_connections_to_fd_limit(self.spec.max_connections)
+        self._pool = ConnectionPool(self.url, self.http, limit=self.max_connections)
         self._head = self._pool.request_head(self._path, self._headers)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self._loop is None or self._thread is None:
+        if self._loop is None or self._thread is None or not self._thread.is_alive():
             return
         fut = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
         with contextlib.suppress(Exception):  # closing must never mask the run's result
@@ -160,28 +187,9 @@ class StreamingClient:
         return fut.result(timeout_s + 5)
 
     def _payload(self, prompt: list[int] | str) -> dict[str, Any]:
-        c = self.spec.generation
-        body: dict[str, Any] = {
-            "model": self.spec.served_model,
-            "max_tokens": c.max_tokens,
-            "min_tokens": c.min_tokens,
-            "temperature": c.temperature,
-            "top_k": c.top_k,
-            "top_p": c.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "return_token_ids": True,
-        }
-        if c.seed is not None:
-            body["seed"] = c.seed
-        if c.ignore_eos:
-            body["ignore_eos"] = True
-        if c.api == "completions":
-            body["prompt"] = prompt
-        else:
-            body["messages"] = [{"role": "user", "content": prompt}]
-        body.update(c.extra_body)
-        return body
+        return build_payload(
+            self.spec.request_profile, self.spec.generation, self.spec.served_model, prompt, self.token_source
+        )
 
     def _body(self, sample_index: int) -> bytes:
         body = self._bodies.get(sample_index)
@@ -193,11 +201,16 @@ class StreamingClient:
     async def _request(self, rec: RequestRecord, report: bool = True) -> None:
         assert self._pool is not None
         body = self._body(rec.sample_index)
-        stream = _SseStream(self, rec, report)
+        stream = _SseStream(self, rec, report, self.token_source == "usage")
         try:
-            rec.sent_ns = time.monotonic_ns()
             resp = await self._pool.post(
-                self._head, body, stream.feed, self.spec.request_timeout_s, stream.head
+                self._head,
+                body,
+                stream.feed,
+                self.spec.request_timeout_s,
+                stream.head,
+                stream.sent,
+                self.spec.idle_timeout_s,
             )
             if resp.status != 200:
                 raise _RequestFailed(f"HTTP {resp.status}: {resp.body[:300].decode(errors='replace')}")
@@ -225,36 +238,72 @@ class StreamingClient:
             self._on_complete(rec)
 
 
+PLAIN_BODY_MAX = 1 << 20  # bytes of a non-streamed (plain JSON) answer kept to describe it
+
+
 class _SseStream:
-    """Server-sent events of one answer, parsed as the bytes arrive (inside the protocol callback)."""
+    """Server-sent events of one answer, parsed as the bytes arrive (inside the protocol callback).
 
-    __slots__ = ("buf", "client", "done", "id_seen", "rec", "report")
+    Framing as the SSE specification has it: lines end in CRLF, LF or CR; ``data:`` lines (one
+    optional space after the colon) accumulate and a blank line dispatches the event; comments and
+    other fields are skipped. ``data: [DONE]`` completes the answer at once.
+    """
 
-    def __init__(self, client: StreamingClient, rec: RequestRecord, report: bool) -> None:
-        self.client, self.rec, self.report = client, rec, report
+    __slots__ = ("buf", "client", "cr", "data", "done", "id_seen", "plain", "rec", "report", "usage_mode")
+
+    def __init__(self, client: StreamingClient, rec: RequestRecord, report: bool, usage_mode: bool) -> None:
+        self.client, self.rec, self.report, self.usage_mode = client, rec, report, usage_mode
         self.buf = b""
+        self.data: bytes | None = None  # the data of the event being read
+        self.cr = False  # the last bytes ended in CR: a following LF belongs to it
         self.done = False
         self.id_seen = False  # the stream named its id (it wins over the X-Request-Id header)
+        self.plain: bytearray | None = None  # a non-streamed JSON answer, collected to describe it
+
+    def sent(self) -> None:
+        self.rec.sent_ns = time.monotonic_ns()
 
     def head(self, resp: Response) -> None:
         self.rec.server_request_id = resp.headers.get("x-request-id")
+        ctype = resp.headers.get("content-type", "").lower()
+        if resp.status == 200 and ctype.startswith("application/") and "json" in ctype:
+            self.plain = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bool:
+        """Parse received body bytes; True once the answer is complete ([DONE])."""
         if self.done:
-            return
+            return True
+        if self.plain is not None:
+            self.plain += data[: PLAIN_BODY_MAX - len(self.plain)]
+            return False
+        if self.cr or b"\r" in data:
+            if self.cr and data.startswith(b"\n"):
+                data = data[1:]
+            self.cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self.buf + data if self.buf else data
         start = 0
         while (nl := buf.find(b"\n", start)) >= 0:
             line = buf[start:nl]
             start = nl + 1
-            if line.startswith(b"data:"):
-                if self._event(line[5:].strip()):
-                    self.done = True
-                    self.buf = b""
-                    return
-            elif line.startswith(b"id:") and not self.id_seen:
-                self._set_id(line[3:].strip().decode(errors="replace"))
+            if self._line(line):
+                self.done = True
+                self.buf = b""
+                return True
         self.buf = buf[start:]
+        return False
+
+    def _line(self, line: bytes) -> bool:
+        if not line:  # a blank line dispatches the event
+            data, self.data = self.data, None
+            return data is not None and self._event(data)
+        if line.startswith(b"data:"):
+            value = line[6:] if line.startswith(b"data: ") else line[5:]
+            self.data = value if self.data is None else self.data + b"\n" + value
+        elif line.startswith(b"id:") and not self.id_seen:
+            self._set_id(line[3:].strip().decode(errors="replace"))
+        # event:, retry: and ":" comments carry nothing this client needs
+        return False
 
     def _set_id(self, value: str | None) -> None:
         if value:
@@ -262,64 +311,103 @@ class _SseStream:
             self.id_seen = True
 
     def _event(self, data: bytes) -> bool:
-        """One ``data:`` payload; True at ``[DONE]``. Raises _RequestFailed for an error or bad JSON."""
-        if data == b"[DONE]":
+        """One event's data; True at ``[DONE]``. Raises _RequestFailed for an error or bad JSON."""
+        if data.strip() == b"[DONE]":
             return True
         if not self.id_seen:
             self._set_id(_chunk_id(data))
-        fast = _token_chunk(data)
-        if fast is not None:
-            ids, finish = fast
-            if ids:
-                self._tokens(ids)
-            if finish:
-                self.rec.finish_reason = finish
-            return False
+        if not self.usage_mode:
+            fast = _token_chunk(data)
+            if fast is not None:
+                ids, finish = fast
+                if ids:
+                    self._tokens(ids)
+                if finish:
+                    self.rec.finish_reason = finish
+                return False
         try:
             chunk = json.loads(data)
         except json.JSONDecodeError:
             raise _RequestFailed(f"malformed SSE data: {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise _RequestFailed(f"malformed SSE data (not a JSON object): {data[:200]!r}")
         if "error" in chunk:
             raise _RequestFailed(f"server error in stream: {json.dumps(chunk['error'])[:300]}")
         rec = self.rec
         usage = chunk.get("usage")
-        if usage:
-            rec.usage_tokens = usage.get("completion_tokens")
-            rec.prompt_tokens = usage.get("prompt_tokens")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            rec.usage_tokens = usage["completion_tokens"]
+            if isinstance(usage.get("prompt_tokens"), int):
+                rec.prompt_tokens = usage["prompt_tokens"]
+            if self.usage_mode and rec.usage_tokens > 0 and not rec.first_token_ns:
+                self._first(None)
         for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
             got: list[int] | None = choice.get("token_ids")
-            if got is None:
-                got = (choice.get("delta") or {}).get("token_ids")
-            if got:
+            delta = choice.get("delta") or {}
+            if got is None and isinstance(delta, dict):
+                got = delta.get("token_ids")
+            if self.usage_mode:
+                if not rec.first_token_ns and (got or _has_output(choice, delta)):
+                    self._first(None)
+            elif got:
                 self._tokens(got)
             if choice.get("finish_reason"):
                 rec.finish_reason = choice["finish_reason"]
         return False
+
+    def _first(self, first_id: int | None, now: int | None = None) -> None:
+        rec = self.rec
+        rec.first_token_ns = now or time.monotonic_ns()
+        rec.first_token_id = first_id
+        if self.report:
+            self.client._on_first_token(rec)
 
     def _tokens(self, ids: list[int]) -> None:
         rec = self.rec
         now = time.monotonic_ns()
         rec.chunk_ns.append(now)
         if not rec.token_ids:
-            rec.first_token_ns = now
-            rec.first_token_id = ids[0]
             rec.token_ids = list(ids)
-            if self.report:
-                self.client._on_first_token(rec)
+            self._first(ids[0], now)
         else:
             rec.token_ids.extend(ids)
 
     def finish(self) -> None:
-        """The response ended: it must have carried [DONE] and token ids that agree with usage."""
+        """The response ended: it must have carried [DONE] and a token count that agrees with usage."""
         rec = self.rec
+        if self.plain is not None:
+            raise _RequestFailed(_plain_answer(bytes(self.plain)))
         if not self.done:
-            raise _RequestFailed(
-                f"stream ended without [DONE] after {len(rec.token_ids)} tokens (truncated response)"
-            )
+            # A last line or event without its terminator is still read (lenient, as common clients are).
+            for line in (self.buf, b""):
+                if self._line(line):
+                    self.done = True
+                    break
+        if not self.done:
+            got = rec.usage_tokens if self.usage_mode else len(rec.token_ids)
+            raise _RequestFailed(f"stream ended without [DONE] after {got} tokens (truncated response)")
+        if self.usage_mode:
+            if rec.usage_tokens is None:
+                raise _RequestFailed(
+                    "no usage in the stream: tokens are counted from usage.completion_tokens for this "
+                    "server and API, and it sent none (it must honour stream_options.include_usage)"
+                )
+            if rec.usage_tokens > 0 and not rec.first_token_ns:
+                raise _RequestFailed(
+                    f"usage says {rec.usage_tokens} tokens but no chunk carried output: time to first "
+                    "token unknown"
+                )
+            rec.n_tokens = rec.usage_tokens
+            return
         if not rec.token_ids:
+            profile = self.client.spec.request_profile.name
             raise _RequestFailed(
-                "no token ids in the stream: the server must support `return_token_ids` "
-                f"(usage said {rec.usage_tokens} tokens)"
+                f"no token ids in the stream (usage said {rec.usage_tokens} tokens): the server must send "
+                f"them as {profile} does when asked (return_token_ids, or detokenize: false for "
+                "trtllm-serve); a server that cannot (SGLang before it supported return_token_ids) needs "
+                "engine.request_profile set to its kind, or generation.count_tokens: usage"
             )
         if rec.usage_tokens is not None and rec.usage_tokens != len(rec.token_ids):
             raise _RequestFailed(
@@ -340,6 +428,40 @@ def _chunk_id(data: bytes) -> str | None:
     i += len(_ID)
     j = data.find(b'"', i)
     return data[i:j].decode(errors="replace") if j > i else None
+
+
+def _has_output(choice: dict[str, Any], delta: Any) -> bool:
+    """A chunk that carries generated output (text, content, reasoning or a tool call)."""
+    if choice.get("text"):
+        return True
+    if isinstance(delta, dict):
+        return bool(
+            delta.get("content")
+            or delta.get("reasoning_content")
+            or delta.get("reasoning")
+            or delta.get("tool_calls")
+        )
+    return False
+
+
+def _plain_answer(body: bytes) -> str:
+    """The error for a 200 answer that is one JSON document instead of an event stream."""
+    what = "a complete JSON answer"
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        if "error" in doc:
+            return f"server error (HTTP 200, JSON, not a stream): {json.dumps(doc['error'])[:300]}"
+        usage = doc.get("usage")
+        if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+            what += f" with {usage['completion_tokens']} tokens"
+    return (
+        f"the server sent {what} (Content-Type: application/json), not an event stream: it ignored "
+        '"stream": true, so time to first token cannot be measured; check that the endpoint streams '
+        "(a gateway may buffer or rewrite it)"
+    )
 
 
 def _token_chunk(data: bytes) -> tuple[list[int], str | None] | None:

@@ -7,16 +7,16 @@ Ctrl-C reaches pytest only and the parent stops the child's whole group itself.
 from __future__ import annotations
 
 import logging
-import subprocess
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..results import Status
+from ..results import Status, write_text_atomic
 from ..servers.base import Endpoint
-from ..servers.process import stop_process_group
+from ..servers.process import start_process, stop_process_group
 from .spec import RunSpec
 
 log = logging.getLogger("harness_fixtures.loadgen")
@@ -40,35 +40,39 @@ def run_child(
     endpoint: Endpoint,
     on_start: Callable[[int], None] | None = None,
     on_tick: Callable[[float], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> ChildOutcome:
     """Run LoadGen for ``spec`` in a child process and wait for it.
 
     ``on_start(pid)`` is called once the child (the client) runs; ``on_tick(elapsed_s)`` about once a
     second (progress display). Ctrl-C / SIGTERM stop the child's group and propagate.
+
+    :param env: variables added to the child's environment (credentials the spec file must not hold).
     """
     out = Path(spec.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "run_spec.json"
-    spec_path.write_text(spec.model_dump_json(indent=1))
+    # The child's input: written as is (no secrets by construction: the API key travels by the
+    # NAME of its variable, the URL without userinfo), so no redaction can change a path in it.
+    write_text_atomic(spec_path, spec.model_dump_json(indent=1))
     status: Status | None = None
     reason: str | None = None
     t0 = time.monotonic()
-    with (out / "harness.log").open("ab") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness_fixtures.loadgen.runner", str(spec_path)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches pytest only; we stop the child ourselves
-            # LoadGen applies an audit.config from its working directory (MLPerf compliance runs):
-            # the test's own folder, so one left in the invocation folder cannot change a run.
-            cwd=out,
-        )
+    # Its own process group (Ctrl-C reaches pytest only; we stop the child ourselves), dying with us.
+    proc = start_process(
+        [sys.executable, "-m", "harness_fixtures.loadgen.runner", str(spec_path)],
+        {**os.environ, **env} if env else None,
+        out / "harness.log",
+        role="loadgen runner",
+        # LoadGen applies an audit.config from its working directory (MLPerf compliance runs):
+        # the test's own folder, so one left in the invocation folder cannot change a run.
+        cwd=out,
+    )
     engine_dead_since: float | None = None
-    if on_start is not None:
-        on_start(proc.pid)
     next_tick = t0
     try:
+        if on_start is not None:
+            on_start(proc.pid)
         while proc.poll() is None:
             now = time.monotonic()
             if on_tick is not None and now >= next_tick:
@@ -91,6 +95,9 @@ def run_child(
         # Ctrl-C / SIGTERM: stop LoadGen, keep what it measured, and let the caller report it.
         stop_process_group(proc, CHILD_STOP_GRACE_S)
         raise
+    # It ended by itself (or was stopped above): sweep what is left of its group (client workers)
+    # and take it off the session's pidfile.
+    stop_process_group(proc, CHILD_STOP_GRACE_S)
     alive = endpoint.alive()
     if not alive:
         status = "ERROR"

@@ -11,7 +11,6 @@ appended as requests finish so an interrupted run keeps what it measured) and ``
 from __future__ import annotations
 
 import array
-import json
 import os
 import signal
 import sys
@@ -22,9 +21,13 @@ from typing import Any
 
 from ..client.cpu import CpuSampler
 from ..client.fanout import FanoutClient
+from ..client.httpconfig import HttpConfig, HttpConfigError, ServerUrl
+from ..client.payload import describe_token_source
 from ..client.requestlog import RequestLogWriter
 from ..client.sizing import auto_workers, prewarm_connections
 from ..client.streaming import RequestRecord, StreamingClient
+from ..metrics.window import engine_window, fetch_metrics_text
+from ..results import write_json
 from .spec import RunSpec
 
 
@@ -60,18 +63,27 @@ def run(spec: RunSpec) -> int:
         print(f"error: LoadGen could not load user.conf {spec.user_conf!r} (code {rc})", file=sys.stderr)
         return 3
     settings.scenario = getattr(lg.TestScenario, spec.loadgen_scenario)
-    settings.mode = lg.TestMode.AccuracyOnly if spec.mode == "accuracy" else lg.TestMode.PerformanceOnly
+    settings.mode = {
+        "accuracy": lg.TestMode.AccuracyOnly,
+        "find_peak": lg.TestMode.FindPeakPerformance,
+    }.get(spec.mode, lg.TestMode.PerformanceOnly)
     settings.use_token_latencies = True
     _apply_overrides(settings, spec)
 
     gen = spec.client.generation
+    with_ids = spec.client.token_source == "token_ids"
     reqlog = RequestLogWriter(out / "requests.jsonl", t0_ns)
     unanswered: dict[int, tuple[int, int]] = {}  # query id → (sample index, issued ns) until completed
     # LoadGen reads response buffers during the *Complete call; keep them alive until then.
     keep: dict[int, array.array[int]] = {}
 
     def on_first(rec: RequestRecord) -> None:
-        buf = array.array("i", [rec.first_token_id or 0])
+        if rec.first_token_id is None:
+            # Tokens counted from usage (no ids in this server's stream): the time is real, the id
+            # unknown, and none is made up.
+            lg.FirstTokenComplete([lg.QuerySampleResponse(rec.query_id, 0, 0)])
+            return
+        buf = array.array("i", [rec.first_token_id])
         keep[rec.query_id] = buf
         ptr, _ = buf.buffer_info()
         lg.FirstTokenComplete([lg.QuerySampleResponse(rec.query_id, ptr, buf.itemsize)])
@@ -109,7 +121,8 @@ def run(spec: RunSpec) -> int:
         reqlog.write(rec)
         if rec.status == "ok":
             ids = rec.token_ids if gen.first_token_in_complete else rec.token_ids[1:]
-            check(rec, ids)
+            if with_ids:
+                check(rec, ids)  # nothing to check when the stream carried no ids
             buf = array.array("i", ids)
             ptr, n = buf.buffer_info()
             resp = lg.QuerySampleResponse(rec.query_id, ptr, n * buf.itemsize, rec.n_tokens)
@@ -138,31 +151,49 @@ def run(spec: RunSpec) -> int:
     )
     workers = spec.client_workers or auto_workers(spec.loadgen_scenario, rate)
     client: StreamingClient | FanoutClient
-    if workers == 1:
-        client = StreamingClient(spec.client, prompts, on_first, on_complete)
-    else:
-        # LoadGen stays here; HTTP streams go to worker processes (harness_fixtures.client.fanout).
-        client = FanoutClient(spec.client, workers, on_first, on_complete)
-    print(f"client: {workers} worker process(es) for {spec.loadgen_scenario} at {rate} QPS", flush=True)
-    client.start()
+    try:
+        if workers == 1:
+            client = StreamingClient(spec.client, prompts, on_first, on_complete)
+        else:
+            # LoadGen stays here; HTTP streams go to worker processes (harness_fixtures.client.fanout).
+            # a setting this process cannot use fails here, clearly
+            HttpConfig.build(spec.client.http, check_environment=False)
+            client = FanoutClient(spec.client, workers, on_first, on_complete)
+        print(f"client: {workers} worker process(es) for {spec.loadgen_scenario} at {rate} QPS", flush=True)
+        client.start()
+    except HttpConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(client, StreamingClient) and client.connections_note:
+        print(f"client: {client.connections_note}", flush=True)
     _keep_results_on_sigterm(out, reqlog, client, unanswered)
     warmup: dict[str, Any] = {}
     if spec.warmup:
         w = client.warmup(0, timeout_s=spec.client.request_timeout_s)
+        latency_ns = w.done_ns - (w.sent_ns or w.issued_ns)  # a request that failed unsent has no sent_ns
         warmup = {
             "status": w.status,
             "error": w.error,
             "n_tokens": w.n_tokens,
-            "latency_s": round((w.done_ns - w.sent_ns) / 1e9, 4),
+            "latency_s": round(latency_ns / 1e9, 4),
+            # When it ran (seconds since t0, the timeline's clock) and how fast the idle engine answered.
+            "start_s": round(((w.sent_ns or w.issued_ns) - t0_ns) / 1e9, 6),
+            "end_s": round((w.done_ns - t0_ns) / 1e9, 6),
+            "ttft_s": round((w.first_token_ns - (w.sent_ns or w.issued_ns)) / 1e9, 4)
+            if w.first_token_ns
+            else None,
+            "tpot_s": round((w.done_ns - w.first_token_ns) / 1e9 / (w.n_tokens - 1), 5)
+            if w.first_token_ns and w.n_tokens > 1
+            else None,
         }
         print(f"warm-up request: {warmup}", flush=True)
         if spec.single_stream_latency_from_warmup and w.status == "ok":
-            settings.single_stream_expected_latency_ns = w.done_ns - w.sent_ns
-            warmup["single_stream_expected_latency_ms"] = round((w.done_ns - w.sent_ns) / 1e6, 3)
+            settings.single_stream_expected_latency_ns = latency_ns
+            warmup["single_stream_expected_latency_ms"] = round(latency_ns / 1e6, 3)
         want = prewarm_connections(
             spec.loadgen_scenario,
             rate,
-            (w.done_ns - w.sent_ns) / 1e9,
+            latency_ns / 1e9,
             settings.min_query_count,
             settings.min_duration_ms / 1000,
             spec.client.max_connections,
@@ -186,10 +217,16 @@ def run(spec: RunSpec) -> int:
     log_settings = lg.LogSettings()
     log_settings.log_output = log_out
     log_settings.enable_trace = False
+    # The engine's counters right before and after LoadGen: its own view of exactly the measured run.
+    metrics_http = HttpConfig.build(spec.client.http, check_environment=False)
+    server = ServerUrl.parse(spec.client.base_url)
+    before = fetch_metrics_text(metrics_http, server, spec.metrics_paths)
     cpu = CpuSampler().start()
     start_ns = time.monotonic_ns()
     lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
     end_ns = time.monotonic_ns()
+    after = fetch_metrics_text(metrics_http, server, spec.metrics_paths) if before is not None else None
+    metrics_http.close()
     cpu_stats = cpu.stop()
     lg.DestroyQSL(qsl)
     lg.DestroySUT(sut)
@@ -207,9 +244,13 @@ def run(spec: RunSpec) -> int:
         "output_tokens": sum(r.n_tokens for r in ok),
         "first_error": client.first_error,
         "warmup": warmup,
+        "engine_window": engine_window(before, after).model_dump() if before and after else None,
         "consistency": consistency,
         "samples": n_samples,
         "workers": workers,
+        "token_count": describe_token_source(spec.client.request_profile, gen, spec.client.token_source),
+        "max_connections": getattr(client, "max_connections", spec.client.max_connections),
+        "connections_note": getattr(client, "connections_note", None),
         # This process's CPU (all its threads: LoadGen, client loop) over the LoadGen run, % of one
         # core, sampled each second; with workers, theirs too, and the busiest process's fraction.
         **cpu_stats,
@@ -220,7 +261,7 @@ def run(spec: RunSpec) -> int:
         summary["cpu_pct_total"] = round(cpu_stats["cpu_pct"] + sum(w.get("cpu_pct", 0) for w in stats), 1)
         fractions = [cpu_stats["cpu_bound_fraction"], *(w.get("cpu_bound_fraction") for w in stats)]
         summary["cpu_bound_fraction"] = max((f for f in fractions if f is not None), default=None)
-    (out / "client.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "client.json", summary)  # atomic: the parent never reads half a file
     return 0
 
 
@@ -260,7 +301,7 @@ def _keep_results_on_sigterm(
                 "first_error": client.first_error or (error if pending else None),
                 "stopped_by": "SIGTERM",
             }
-            (out / "client.json").write_text(json.dumps(summary, indent=1))
+            write_json(out / "client.json", summary)
         finally:
             os._exit(128 + signal.SIGTERM)
 

@@ -17,7 +17,8 @@ class RunSpec(BaseModel):
     user_conf: str
     loadgen_model: str
     loadgen_scenario: LoadGenScenario
-    mode: Literal["performance", "accuracy"] = "performance"
+    # find_peak: LoadGen's own FindPeakPerformance mode (Server), for tools/bench_capacity.py's comparison.
+    mode: Literal["performance", "accuracy", "find_peak"] = "performance"
     client: ClientSpec
     performance_sample_count: int | None = Field(None, description="QSL performance sample count.")
     target_qps: float | None = Field(
@@ -27,6 +28,9 @@ class RunSpec(BaseModel):
     min_query_count: int | None = None
     test_timeout_s: float = Field(7200.0, description="The parent stops the child after this long.")
     warmup: bool = True
+    metrics_paths: list[str] = Field(
+        default_factory=lambda: ["/metrics"], description="Where the engine serves Prometheus text."
+    )
     client_workers: int | None = Field(None, description="None: auto (client.sizing); 1: in-process.")
     single_stream_latency_from_warmup: bool = Field(
         False, description="Set SingleStream's expected latency from the warm-up request's."

@@ -135,6 +135,17 @@ def parse_user_conf(path: Path) -> list[ConfEntry]:
             )
             continue
         entries.append(ConfEntry(model, scenario, key, rhs, n))
+    for e in entries:
+        # LoadGen reads the token latency limits only where use_token_latencies = 1 applies: without
+        # it, its 100 ms defaults stay, whatever the file says.
+        if (
+            e.key in ("ttft_latency", "tpot_latency")
+            and lookup(entries, e.model, e.scenario, "use_token_latencies") != "1"
+        ):
+            errors.append(
+                f"{path}:{e.line}: LoadGen ignores {e.key} unless use_token_latencies = 1 is set for "
+                f"{e.model}/{e.scenario}; add '{e.model}.*.use_token_latencies = 1'"
+            )
     if errors:
         raise UserConfError("\n".join(errors))
     return entries
@@ -147,3 +158,23 @@ def lookup(entries: list[ConfEntry], model: str, scenario: str, key: str) -> str
         if found:
             return found[-1]
     return None
+
+
+def unknown_models(path: Path, entries: list[ConfEntry], names: set[str]) -> list[str]:
+    """Lines for a LoadGen model name that none of ``names`` (the cases using the file) is.
+
+    LoadGen ignores them, so a typo in the model part silently runs with other settings; one
+    ``file:line: what and fix`` message per line.
+    """
+    errors = []
+    for e in entries:
+        if e.model == "*" or e.model in names:
+            continue
+        hint = difflib.get_close_matches(e.model, sorted(names), n=1)
+        fix = f"did you mean {hint[0]!r}? " if hint else ""
+        errors.append(
+            f"{path}:{e.line}: model {e.model!r} is not the LoadGen model name of any case using this "
+            f"file ({', '.join(sorted(names))}); {fix}LoadGen would ignore the line: fix the name, use "
+            "'*', or remove the line"
+        )
+    return errors

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..client.requestlog import Request, tpot_ms, ttft_ms
-from ..results import Percentiles
+from ..results import CapacityResult, Percentiles
 from ..stats import percentile
 from .base import Sample
 from .nvml import gpu_series
+from .prometheus import BELOW_SUFFIX
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -33,7 +34,9 @@ __all__ = [
     "OK_STATUSES",
     "STATUS_COLORS",
     "LatencyMarks",
+    "RunWindow",
     "build_figures",
+    "write_capacity_plot",
     "write_plots",
     "write_session_summary",
 ]
@@ -44,6 +47,15 @@ DPI = 100
 OK_STATUSES = frozenset({None, "ok", "success", "completed"})
 
 _TIME_LABEL = "time since test start (s)"
+_LATENCY_SERIES = (
+    ("ttft_s_p50", "TTFT p50"),
+    ("ttft_s_p99", "TTFT p99"),
+    ("itl_s_p50", "ITL p50"),
+    ("itl_s_p99", "ITL p99"),
+)
+# A quantile below a histogram's lowest bucket is only a bound (harness_fixtures.metrics.prometheus):
+# drawn as open down-triangles at the bound, never joined to the estimates.
+_LATENCY_BOUNDS = tuple((f"{name}{BELOW_SUFFIX}", f"{label} < bound") for name, label in _LATENCY_SERIES)
 _ENGINE_SERIES = frozenset(
     {
         "running",
@@ -51,10 +63,7 @@ _ENGINE_SERIES = frozenset(
         "kv_cache_usage",
         "generation_tokens_per_s",
         "prompt_tokens_per_s",
-        "ttft_s_p50",
-        "ttft_s_p99",
-        "itl_s_p50",
-        "itl_s_p99",
+        *(name for name, _ in _LATENCY_SERIES + _LATENCY_BOUNDS),
     }
 )
 _HOST_SERIES = frozenset({"cpu_pct", "cpu_max_core_pct", "client_cpu_pct", "mem_pct", "client_rss_mib"})
@@ -432,18 +441,19 @@ def _engine_figure(grouped: Mapping[tuple[str, str], tuple[list[float], list[flo
         (
             "Server-side latency (per scrape interval)",
             "latency (ms)",
-            [
-                ("ttft_s_p50", "TTFT p50"),
-                ("ttft_s_p99", "TTFT p99"),
-                ("itl_s_p50", "ITL p50"),
-                ("itl_s_p99", "ITL p99"),
-            ],
+            list(_LATENCY_SERIES),
             1e3,
             "latency histograms",
         ),
     ]
     for i, (ax, (title, ylabel, series, scale, what)) in enumerate(zip(axes, panels, strict=True)):
-        if not _plot_series(ax, eng, series, scale=scale, marker=".", markersize=3):
+        drawn = _plot_series(ax, eng, series, scale=scale, marker=".", markersize=3)
+        if series == list(_LATENCY_SERIES):
+            bounds = _plot_series(
+                ax, eng, _LATENCY_BOUNDS, scale=scale, linestyle="none", marker="v", fillstyle="none"
+            )
+            drawn = drawn or bounds
+        if not drawn:
             _no_data(ax, what)
         _finish(ax, title, ylabel, xlabel=i >= 2)
     return fig
@@ -617,13 +627,54 @@ class LatencyMarks:
     tpot_ms: Percentiles | None = None
 
 
+@dataclass(frozen=True)
+class RunWindow:
+    """When the warm-up request ran and when LoadGen measured, in seconds since the test's t0."""
+
+    warmup: tuple[float, float] | None = None
+    loadgen: tuple[float, float] | None = None
+
+    @classmethod
+    def of(cls, client: Mapping[str, Any]) -> RunWindow:
+        """From a run's client.json (the runner records both)."""
+        w = client.get("warmup") or {}
+        start, end = client.get("loadgen_start_s"), client.get("loadgen_end_s")
+        return cls(
+            (w["start_s"], w["end_s"])
+            if w.get("start_s") is not None and w.get("end_s") is not None
+            else None,
+            (start, end) if start is not None and end is not None else None,
+        )
+
+
+def _shade(fig: Figure, window: RunWindow) -> None:
+    """Mark the warm-up and LoadGen's measured window on every axis of a time figure: numbers outside
+    the measured window are not part of the result."""
+    for i, ax in enumerate(fig.axes):
+        if window.warmup is not None:
+            ax.axvspan(*window.warmup, color="tab:orange", alpha=0.12, label="warm-up" if i == 0 else None)
+        if window.loadgen is not None:
+            ax.axvspan(
+                *window.loadgen,
+                color="tab:green",
+                alpha=0.06,
+                label="LoadGen measured window" if i == 0 else None,
+            )
+    if fig.axes and (window.warmup or window.loadgen):
+        _legend(fig.axes[0])
+
+
 def build_figures(
-    samples: Iterable[Sample], requests: Sequence[Request] = (), marks: LatencyMarks | None = None
+    samples: Iterable[Sample],
+    requests: Sequence[Request] = (),
+    marks: LatencyMarks | None = None,
+    window: RunWindow | None = None,
 ) -> dict[str, Figure]:
     """Figures by file stem ("client", "latency_cdf", "engine", "host", "gpu"); absent data -> no entry.
 
     :param samples: timeline samples (seconds since test start).
     :param requests: requests.jsonl rows (harness_fixtures.client.requestlog).
+    :param window: the warm-up and LoadGen's measured window, shaded on the time figures.
     """
     grouped = _group(samples)
     figs: dict[str, Figure | None] = {
@@ -633,6 +684,10 @@ def build_figures(
         "host": _host_figure(grouped),
         "gpu": _gpu_figure(grouped),
     }
+    if window is not None:
+        for stem in ("client", "engine", "host", "gpu"):
+            if (fig := figs[stem]) is not None:
+                _shade(fig, window)
     return {k: f for k, f in figs.items() if f is not None}
 
 
@@ -641,14 +696,57 @@ def write_plots(
     samples: Iterable[Sample],
     requests: Sequence[Request] = (),
     marks: LatencyMarks | None = None,
+    window: RunWindow | None = None,
 ) -> list[Path]:
     """Write `<stem>.png` for each figure `build_figures` makes; return the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for stem, fig in build_figures(samples, requests, marks).items():
+    for stem, fig in build_figures(samples, requests, marks, window).items():
         path = out / f"{stem}.png"
         text = {"Description": _cdf_text(requests, marks or LatencyMarks())} if stem == "latency_cdf" else {}
         fig.savefig(path, dpi=DPI, metadata=text)
         paths.append(path)
     return paths
+
+
+def write_capacity_plot(path: Path, capacity: CapacityResult, limits: Any) -> str | None:
+    """The capacity search's probes: load against TTFT and TPOT at the percentile each was judged at,
+    with the limits, each probe's verdict and the load found. Never raises (a missing figure loses no
+    data)."""
+    try:
+        fig, axes = _new_figure(
+            f"Capacity search: {len(capacity.probes)} probes, found "
+            + (f"{capacity.found_qps:.4g} QPS" if capacity.found_qps else "no passing load"),
+            2,
+        )
+        judged = sorted({p.percentile for p in capacity.probes if p.percentile is not None})
+        # Probes are judged at the percentile a full run's early stopping demands at their load (a little
+        # above the scenario's); the limit line is the scenario's.
+        at = (
+            f"p{judged[0] * 100:.4g}–p{judged[-1] * 100:.4g}"
+            if len(judged) > 1
+            else f"p{(judged[0] if judged else limits.percentile) * 100:.4g}"
+        )
+        for ax, name, limit in ((axes[0], "ttft", limits.ttft_ms), (axes[1], "tpot", limits.tpot_ms)):
+            for verdict, color in (("pass", "tab:green"), ("fail", "tab:red")):
+                pts = [
+                    (p.qps, m * limit)
+                    for p in capacity.probes
+                    if p.verdict == verdict and (m := getattr(p, f"{name}_margin")) is not None and limit
+                ]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"probe: {verdict}")
+            if limit:
+                ax.axhline(limit, color="black", linestyle="--", label=f"limit {limit:g} ms")
+            if capacity.found_qps:
+                ax.axvline(capacity.found_qps, color="tab:blue", linestyle=":", label="found")
+            _finish(ax, f"{name.upper()} {at} per probe", f"{name.upper()} {at} (ms)", xlabel=ax is axes[1])
+            _legend(ax)
+        axes[1].set_xlabel("probe load (QPS)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI)
+        return str(path)
+    except Exception as exc:  # a figure must never cost the result
+        log.warning("capacity plot %s not written: %s: %s", path, type(exc).__name__, exc)
+        return None

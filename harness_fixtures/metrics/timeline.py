@@ -10,10 +10,12 @@ comment line and had no ``t_unix_s`` column; the reader reads both.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from ..results import write_text_atomic
 from ..stats import describe
 
 __all__ = ["SCHEMA_VERSION", "Sample", "Timeline", "read_timeline", "summarize", "write_timeline"]
@@ -42,13 +44,14 @@ def write_timeline(path: Path | str, samples: Iterable[Sample], t0_unix_s: float
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted(samples, key=lambda s: (s.t_s, s.source, s.series))
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(_COLUMNS)
-        for s in rows:
-            wall = "" if t0_unix_s is None else f"{t0_unix_s + float(s.t_s):.6f}"
-            # repr-exact floats: a round trip returns the same numbers.
-            w.writerow([repr(float(s.t_s)), s.source, s.series, repr(float(s.value)), wall])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(_COLUMNS)
+    for s in rows:
+        wall = "" if t0_unix_s is None else f"{t0_unix_s + float(s.t_s):.6f}"
+        # repr-exact floats: a round trip returns the same numbers.
+        w.writerow([repr(float(s.t_s)), s.source, s.series, repr(float(s.value)), wall])
+    write_text_atomic(path, f.getvalue())  # a result file: never half written
     return path
 
 

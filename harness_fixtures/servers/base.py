@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import requests
-
+from ..client.errors import CertificateError, HttpError
+from ..client.httpconfig import HttpConfig, HttpConfigError, HttpSettings, ServerUrl, check_header_value
+from ..client.payload import VLLM, RequestProfile
 from .process import LOG_TAIL_LINES, log_tail
 
 log = logging.getLogger("harness_fixtures.servers")
@@ -38,6 +41,12 @@ class Endpoint:
     info: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    # The parsed URL with its user:password, when it had one (base_url never shows credentials).
+    server: ServerUrl | None = field(default=None, repr=False)
+    request_profile: RequestProfile = VLLM  # the request fields this server accepts
+
+    def server_url(self) -> ServerUrl:
+        return self.server or ServerUrl.parse(self.base_url)
 
     def alive(self) -> bool:
         return self.process is None or self.process.poll() is None
@@ -67,17 +76,43 @@ class LaunchContext:
     run_dir: Path
     api_key: str | None = field(default=None, repr=False)
     server_url: str | None = None
+    http: HttpConfig | None = field(default=None, repr=False)  # the session's headers, proxies, TLS
+
+    def http_config(self) -> HttpConfig:
+        if self.http is not None:
+            return self.http
+        # No session configuration (a launcher used on its own): the API key alone.
+        return _config({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
+
+
+def _config(http: HttpConfig | Mapping[str, str] | None) -> HttpConfig:
+    """The HTTP configuration to use; a bare header mapping (older callers) becomes one."""
+    if isinstance(http, HttpConfig):
+        return http
+    headers = dict(http or {})
+    for name, value in headers.items():
+        check_header_value(value, f"header {name}", show_value=False)
+    return HttpConfig(HttpSettings(), headers, os.environ)
 
 
 def wait_healthy(
     proc: subprocess.Popen[bytes] | None,
-    base_url: str,
+    base_url: str | ServerUrl,
     served_model: str,
     log_path: Path | None,
     timeout_s: float,
-    headers: dict[str, str] | None = None,
+    http: HttpConfig | Mapping[str, str] | None = None,
 ) -> None:
-    """Poll /health then /v1/models until ready; fail at once if the process exits."""
+    """Poll /health then /v1/models until ready; fail at once if the process exits.
+
+    :param http: the session's HTTP configuration (headers, credentials, proxies, TLS), the same one
+        the streaming client and the /metrics scraper use.
+    """
+    try:
+        config = _config(http)
+        url = base_url if isinstance(base_url, ServerUrl) else ServerUrl.parse(base_url)
+    except HttpConfigError as exc:
+        raise EngineError(str(exc)) from None
     deadline = time.monotonic() + timeout_s
     stage = "/health"
     last = ""
@@ -89,24 +124,37 @@ def wait_healthy(
             )
         try:
             if stage == "/health":
-                r = requests.get(base_url + "/health", timeout=2, headers=headers)
-                if r.status_code == 200:
+                r = config.get(url, "/health", timeout_s=2)
+                if r.status == 200:
                     stage = "/v1/models"
                     continue
-                last = f"/health answered {r.status_code}"
+                last = f"{url.url('/health')} answered HTTP {r.status}{_auth_hint(r.status)}"
+                if r.status in _DEFINITIVE:
+                    raise EngineError(f"engine not usable: {last}")
             else:
-                r = requests.get(base_url + "/v1/models", timeout=5, headers=headers)
-                if r.status_code == 200:
-                    names = [m.get("id") for m in r.json().get("data", [])]
+                r = config.get(url, "/v1/models", timeout_s=5)
+                if r.status == 200:
+                    names = _model_names(r.text)
+                    if names is None:
+                        raise EngineError(
+                            f"{url.url('/v1/models')} answered {r.text[:200]!r}, not an OpenAI model list "
+                            '({"data": [{"id": ...}]}); is this an OpenAI-compatible server?'
+                        )
                     if served_model in names:
                         return
                     raise EngineError(
-                        f"server at {base_url} serves {names}, not {served_model!r}; set "
+                        f"server at {url.display} serves {names}, not {served_model!r}; set "
                         "engine.served_model_name in the model YAML"
                     )
-                last = f"/v1/models answered {r.status_code}"
-        except requests.RequestException as exc:
-            last = f"{type(exc).__name__}"
+                last = f"{url.url('/v1/models')} answered HTTP {r.status}{_auth_hint(r.status)}"
+                if r.status in _DEFINITIVE:
+                    raise EngineError(f"engine not usable: {last}")
+        except CertificateError as exc:
+            raise EngineError(str(exc)) from None  # a certificate does not become trusted by waiting
+        except HttpError as exc:
+            last = str(exc)
+        except HttpConfigError as exc:
+            raise EngineError(str(exc)) from None
         if time.monotonic() > deadline:
             raise EngineError(
                 f"engine not healthy after {timeout_s:g} s (last: {last}); raise engine.start_timeout_s "
@@ -115,13 +163,41 @@ def wait_healthy(
         time.sleep(0.25)
 
 
-def fetch_version(base_url: str, headers: dict[str, str] | None = None) -> str | None:
+# Answers that waiting cannot change: wrong or missing credentials (server or proxy).
+_DEFINITIVE = (401, 403, 407)
+
+
+def _auth_hint(status: int) -> str:
+    if status in (401, 403):
+        return (
+            " (credentials missing or refused: --harness-api-key-env, user:password@ in the URL, or "
+            "--harness-header NAME=env:VAR)"
+        )
+    if status == 407:
+        return " (the proxy wants credentials: user:password@ in the HTTPS_PROXY / HTTP_PROXY URL)"
+    return ""
+
+
+def _model_names(text: str) -> list[Any] | None:
     try:
-        r = requests.get(base_url + "/version", timeout=3, headers=headers)
-        if r.status_code == 200:
-            v = r.json().get("version")
+        data = json.loads(text).get("data")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(data, list):
+        return None
+    return [m.get("id") if isinstance(m, dict) else m for m in data]
+
+
+def fetch_version(
+    base_url: str | ServerUrl, http: HttpConfig | Mapping[str, str] | None = None
+) -> str | None:
+    try:
+        url = base_url if isinstance(base_url, ServerUrl) else ServerUrl.parse(base_url)
+        r = _config(http).get(url, "/version", timeout_s=3)
+        if r.status == 200:
+            v = json.loads(r.text).get("version")
             return str(v) if v is not None else None
-    except (requests.RequestException, ValueError):
+    except (HttpError, HttpConfigError, ValueError, AttributeError):
         pass
     return None
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import redaction
 from .base import Endpoint, EngineError, LaunchContext, Launcher
 from .launchers import LAUNCHERS
 
@@ -29,6 +30,7 @@ class EngineManager:
 
     server_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    http: Any = field(default=None, repr=False)  # HttpConfig: headers, proxies, TLS of every request
     make_launcher: LauncherFactory = lambda kind: None
     on_message: Callable[[str], None] = log.info
     current: tuple[str, Endpoint, Any] | None = None
@@ -68,7 +70,9 @@ class EngineManager:
                 )
                 raise EngineError(self.failed[case.name])
             launcher = LAUNCHERS[kind]()
-        ctx = LaunchContext(case=case, run_dir=run_dir, api_key=self.api_key, server_url=self.server_url)
+        ctx = LaunchContext(
+            case=case, run_dir=run_dir, api_key=self.api_key, server_url=self.server_url, http=self.http
+        )
         self.starts[case.name] = self.starts.get(case.name, 0) + 1
         self.on_message(
             f"[harness] starting {kind} engine for {case.name} (log: {run_dir / 'engine.log'}) ..."
@@ -78,8 +82,16 @@ class EngineManager:
         except EngineError as exc:
             self.failed[case.name] = f"engine for {case.name!r} failed to start: {exc}"
             raise EngineError(self.failed[case.name]) from None
+        except Exception as exc:
+            # A plugin's launcher, or a bug: the model's other tests must not try again either.
+            log.exception("launcher %s failed", kind)
+            self.failed[case.name] = (
+                f"engine for {case.name!r} failed to start: {type(exc).__name__}: {exc} "
+                f"(launcher {type(launcher).__name__}; traceback in harness.log)"
+            )
+            raise EngineError(self.failed[case.name]) from None
         self.on_message(
-            f"[harness] {case.name}: engine ready at {endpoint.base_url} "
+            f"[harness] {case.name}: engine ready at {redaction.scrub_url(endpoint.base_url)} "
             f"after {endpoint.info.get('start_s', 0):.0f} s (version {endpoint.version})"
         )
         endpoint.info["stop_timeout_s"] = case.engine.stop_timeout_s

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import signal
+import ssl
 import sys
 import time
 import types
@@ -72,8 +73,11 @@ async def _serve(settings: SimSettings, host: str, port: int, served_model_name:
     app = build_app(settings, served_model_name)
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=75.0)
     await runner.setup()
+    tls = _tls_context(settings)
     # A short shutdown_timeout: hung requests (hang_after_requests) must not hold SIGTERM up.
-    site = web.TCPSite(runner, host, port, backlog=4096, shutdown_timeout=1.0, reuse_address=True)
+    site = web.TCPSite(
+        runner, host, port, backlog=4096, shutdown_timeout=1.0, reuse_address=True, ssl_context=tls
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -81,14 +85,30 @@ async def _serve(settings: SimSettings, host: str, port: int, served_model_name:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror}", 1)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGINT,) if settings.ignore_sigterm else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    scheme = "https" if tls else "http"
     print(
-        f"{PROG}: serving {served_model_name!r} on http://{host}:{port} ({type(loop).__module__})", flush=True
+        f"{PROG}: serving {served_model_name!r} on {scheme}://{host}:{port} ({type(loop).__module__})",
+        flush=True,
     )
     gc.freeze()  # startup objects never die: keep them out of the collector's generations
     await stop.wait()
     await runner.cleanup()
+
+
+def _tls_context(settings: SimSettings) -> ssl.SSLContext | None:
+    if settings.tls_certfile is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
+        if settings.tls_client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(settings.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        _fail(f"cannot load the TLS files: {exc}", 2)
+    return ctx
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = SimSettings.load(args.config, overrides)
     except SimSettingsError as exc:
         _fail(str(exc), 2)
+    if settings.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if settings.fail_start:
         _fail("fail_start is set: refusing to start (simulated engine start failure)", 3)
     if settings.startup_delay_s:

@@ -168,6 +168,7 @@ class Simulator:
         self.version = f"sim-{package_version()}"
         self.responses = load_responses(settings.responses_file) if settings.responses_file else None
         self.rng = random.Random(settings.seed)
+        self.jitter_rng = random.Random(settings.seed + 1)  # its own stream: faults stay where they were
         self.records: deque[ServedRequest] = deque(maxlen=settings.records_max)
         self.generation_requests = 0
         self.clock = _TokenClock()
@@ -387,6 +388,7 @@ class _StreamJob:
         "return_token_ids",
         "sent",
         "sim",
+        "stall",
         "transport",
         "truncate",
     )
@@ -400,6 +402,7 @@ class _StreamJob:
         tokens: list[int],
         finish: str,
         first_due: float,
+        itl_s: float,
         *,
         chat: bool,
         include_usage: bool,
@@ -407,12 +410,13 @@ class _StreamJob:
         prompt_ids: list[int],
         malformed: bool,
         truncate: bool,
+        stall: bool = False,
     ) -> None:
         s = sim.settings
         self.sim, self.rec, self.transport, self.chunked = sim, rec, transport, chunked
-        self.finish, self.first_due, self.itl_s = finish, first_due, s.itl_ms / 1000.0
+        self.finish, self.first_due, self.itl_s = finish, first_due, itl_s
         self.chat, self.include_usage, self.return_token_ids = chat, include_usage, return_token_ids
-        self.malformed, self.truncate = malformed, truncate
+        self.malformed, self.truncate, self.stall = malformed, truncate, stall
         self.n, self.k, self.prev_ns, self.prompt_len = len(tokens), 0, 0, len(prompt_ids)
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -482,13 +486,20 @@ class _StreamJob:
         if self.done.done():  # the request was cancelled
             return None
         k, n = self.k, self.n
+        transport = self.transport
+        if self.stall and k >= self.cut:
+            # Stalled: nothing more is sent; look again later for the client giving up.
+            if transport is None or transport.is_closing():
+                self.done.set_exception(ConnectionResetError("client disconnected from a stalled stream"))
+                return None
+            self.rec.status = "stalled"
+            return limit + 0.25
         j = n if self.itl_s <= 0 else min(n, max(k + 1, int((limit - self.first_due) / self.itl_s) + 1))
-        if self.truncate and j >= self.cut:
+        if (self.truncate or self.stall) and j >= self.cut:
             j = self.cut
         elif j == n:
             self.done.set_result("final")  # the request's coroutine sends the rest with write_eof
             return None
-        transport = self.transport
         if transport is None or transport.is_closing():
             self.done.set_exception(ConnectionResetError("client disconnected"))
             return None
@@ -515,7 +526,9 @@ def _usage_chunk(sim: Simulator, request_id: str, chat: bool, prompt: int, compl
     )
 
 
-async def _stream(sim: Simulator, resp: web.StreamResponse, job: _StreamJob) -> None:
+async def _stream(
+    sim: Simulator, resp: web.StreamResponse, job: _StreamJob, done_without_end: bool = False
+) -> None:
     if job.n:
         sim.clock.schedule(job, job.first_due)
         try:
@@ -528,6 +541,12 @@ async def _stream(sim: Simulator, resp: web.StreamResponse, job: _StreamJob) -> 
             return
     data = (job.render(job.k, job.n) + job.tail()).encode()
     stamp_ns = time.monotonic_ns()
+    if done_without_end:
+        await resp.write(data)  # everything up to [DONE], but the body never ends
+        if job.n:
+            job.account(job.k, job.n, stamp_ns)
+        job.rec.status = "ok"
+        return
     await resp.write_eof(data)  # last tokens, usage, [DONE] and the terminating chunk in one send
     if job.n:
         job.account(job.k, job.n, stamp_ns)
@@ -541,6 +560,7 @@ async def _respond(
     tokens: list[int],
     finish: str,
     first_due: float,
+    itl_s: float,
     headers: dict[str, str],
     *,
     chat: bool,
@@ -550,9 +570,8 @@ async def _respond(
     truncate: bool,
 ) -> web.StreamResponse:
     """A non-streaming answer: sent whole once its last token is due."""
-    s = sim.settings
     n = len(tokens)
-    for due in (first_due, first_due + max(n - 1, 0) * s.itl_ms / 1000.0):
+    for due in (first_due, first_due + max(n - 1, 0) * itl_s):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -627,7 +646,7 @@ async def _respond(
     sim.generation_tokens_total += n
     if n:
         rec.first_token_id = tokens[0]
-        sim.itl.observe(s.itl_ms / 1000.0, n - 1)
+        sim.itl.observe(itl_s, n - 1)
     rec.last_token_ns = time.monotonic_ns()  # before the send, as for streams
     if truncate:
         cut = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
@@ -692,13 +711,29 @@ def _chat_prompt(body: dict[str, Any], vocab_size: int) -> list[int]:
 SIM_KEY = web.AppKey("sim", Simulator)
 
 
+def _require_authorization(expected: str) -> Any:
+    """Every path answers 401 (vLLM's shape) unless the request carries exactly this Authorization."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            return _error(401, "Unauthorized", "AuthenticationError")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
 def build_app(settings: SimSettings, served_model_name: str) -> web.Application:
     """The aiohttp application; ``app[SIM_KEY]`` is the :class:`Simulator` behind it.
 
     :raises SimSettingsError: the responses_file content is malformed.
     """
     sim = Simulator(settings, served_model_name)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    middlewares = (
+        [_require_authorization(settings.require_authorization)] if settings.require_authorization else []
+    )
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
     app[SIM_KEY] = sim
     created = int(time.time())
 
@@ -798,6 +833,9 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
                 "max_tokens",
             )
         stream = bool(body.get("stream"))
+        if stream and s.ignore_stream_rate and sim.rng.random() < s.ignore_stream_rate:
+            stream = False  # a server (or gateway) that ignores "stream": one JSON body
+            rec.add_fault("ignore_stream")
         stream_options = body.get("stream_options")
         include_usage = (
             # vLLM's StreamOptions.include_usage defaults to true once stream_options is given
@@ -825,9 +863,13 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
         return _error(500, "simulated internal server error", "InternalServerError")
     malformed = bool(s.malformed_sse_rate) and sim.rng.random() < s.malformed_sse_rate
     truncate = bool(s.truncate_stream_rate) and sim.rng.random() < s.truncate_stream_rate
+    stall = stream and bool(s.stall_stream_rate) and sim.rng.random() < s.stall_stream_rate
+    done_without_end = stream and bool(s.done_without_end_rate) and sim.rng.random() < s.done_without_end_rate
     for name, on in (
         ("malformed_sse", malformed),
         ("truncate_stream", truncate),
+        ("stall_stream", stall),
+        ("done_without_end", done_without_end),
         ("double_eos", s.double_eos),
     ):
         if on:
@@ -851,7 +893,11 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
         rec.status = "running"
         sim.active.add(rec)
         sim.prompt_tokens_total += prompt_len
-        first_due = admitted_mono + (s.ttft_base_ms + s.ttft_per_prompt_token_ms * prompt_len) / 1000.0
+        factor = sim.jitter_rng.lognormvariate(0.0, s.latency_jitter) if s.latency_jitter else 1.0
+        ttft_ms = s.ttft_base_ms + s.ttft_per_prompt_token_ms * prompt_len
+        first_due = admitted_mono + ttft_ms * factor / 1000.0
+        # A fuller batch decodes slower: the requests running beside this one set its pace.
+        itl_s = (s.itl_ms + s.itl_per_running_ms * (sim.running - 1)) * factor / 1000.0
         if resp is None:
             return await _respond(
                 sim,
@@ -860,6 +906,7 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
                 tokens,
                 finish,
                 first_due,
+                itl_s,
                 headers,
                 chat=chat,
                 return_token_ids=return_token_ids,
@@ -875,15 +922,18 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
             tokens,
             finish,
             first_due,
+            itl_s,
             chat=chat,
             include_usage=include_usage,
             return_token_ids=return_token_ids,
             prompt_ids=prompt_ids,
             malformed=malformed,
             truncate=truncate,
+            stall=stall,
         )
-        await _stream(sim, resp, job)
-        return resp
+        await _stream(sim, resp, job, done_without_end)
+        if not done_without_end:
+            return resp
     except ConnectionResetError:
         # The client went away mid-answer (vLLM aborts the request): not a server error, no traceback.
         rec.status = "disconnected"
@@ -895,3 +945,8 @@ async def _generate(sim: Simulator, request: web.Request, *, chat: bool) -> web.
         if rec.status in ("running", "received"):
             rec.status = "disconnected"  # cancelled (shutdown) or gone
         sim.observe_finished(rec)
+    # done_without_end: the engine is done (its slot is free), but the HTTP body is left open, as a
+    # faulty gateway might; once the client closes, what aiohttp would still write has nowhere to go.
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(0.25)
+    raise asyncio.CancelledError

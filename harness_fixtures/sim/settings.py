@@ -24,6 +24,19 @@ class SimSettings(BaseModel):
         0.0, ge=0, description="Extra time to first token per prompt token (prefill cost), in ms."
     )
     itl_ms: float = Field(5.0, ge=0, description="Time between successive output tokens, in ms.")
+    itl_per_running_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Extra inter-token latency per other request running when this one is admitted, in "
+        "ms: a batch that decodes slower as it fills, so TPOT grows with load as on a real engine.",
+    )
+    latency_jitter: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="Sigma of a lognormal factor (median 1) drawn per request and applied to its TTFT "
+        "and ITL: run-to-run noise; 0 = deterministic.",
+    )
     max_batch: int = Field(
         256, ge=1, description="Requests generating at once; later ones wait in a FIFO queue."
     )
@@ -77,6 +90,27 @@ class SimSettings(BaseModel):
         le=1,
         description="Fraction of requests whose connection is closed mid-answer, without [DONE].",
     )
+    stall_stream_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of streamed requests that stop sending half way through and keep the "
+        "connection open (a stalled engine).",
+    )
+    done_without_end_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of streams that send everything up to data: [DONE] but never end the HTTP "
+        "body (no terminating chunk); the connection stays open until the client closes it.",
+    )
+    ignore_stream_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description='Fraction of streamed requests answered as if "stream" were false: one JSON body, as a '
+        "server or gateway that ignores stream does.",
+    )
     double_eos: bool = Field(
         False,
         description="Every answer ends in two EOS ids, still within max_tokens (finish_reason 'stop'); "
@@ -87,7 +121,20 @@ class SimSettings(BaseModel):
         description="Streams send a different first token id than the answer's true first token "
         "(the non-streaming answer, the reference answer and /sim/requests' expected_first_token_id).",
     )
+    ignore_sigterm: bool = Field(
+        False, description="Ignore SIGTERM, as a stuck engine does: only SIGKILL stops the process."
+    )
     seed: int = Field(0, description="Seed of the RNG that picks which requests the *_rate faults hit.")
+
+    # Transport: TLS and an Authorization check, as a remote deployment behind a gateway has.
+    tls_certfile: Path | None = Field(None, description="Serve https with this PEM certificate (chain).")
+    tls_keyfile: Path | None = Field(None, description="PEM key of tls_certfile (if not in the same file).")
+    tls_client_ca: Path | None = Field(
+        None, description="Require client certificates signed by this PEM CA (mutual TLS)."
+    )
+    require_authorization: str | None = Field(
+        None, description="Answer 401 on every path unless the Authorization header equals this value."
+    )
 
     # Bookkeeping.
     records_max: int = Field(
@@ -103,6 +150,12 @@ class SimSettings(BaseModel):
             )
         if self.responses_file is not None and not self.responses_file.is_file():
             raise ValueError(f"responses_file {str(self.responses_file)!r} is not a file; fix the path")
+        for name in ("tls_certfile", "tls_keyfile", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a file; fix the path")
+        if (self.tls_keyfile or self.tls_client_ca) and self.tls_certfile is None:
+            raise ValueError("tls_keyfile and tls_client_ca need tls_certfile; set it")
         return self
 
     @classmethod

@@ -31,6 +31,7 @@ SIM = {"ttft_base_ms": 20, "itl_ms": 2, "max_batch": 4096}
 TOKENS = 8
 USER_CONF = """\
 tiny.*.performance_sample_count_override = 16
+tiny.*.use_token_latencies = 1
 tiny.Offline.target_qps = 100
 tiny.Offline.min_duration = 200
 tiny.Offline.min_query_count = 200

@@ -1,23 +1,26 @@
-"""Unit tests of harness_fixtures.metrics: parsing, collectors' failure handling, timeline, plots."""
+"""tools/gpu_check.py: its no-NVML exit, and its checks on a fake GPU (tests/fake_nvml.py) whose
+readings follow a fake load, both when the telemetry is right and when it is wrong in each way the
+checks are there to catch. No GPU is lent to this suite, so the real run is documented, not tested."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fake_nvml import FakeGpu, FakeNvml, machine, uuid
 
 REPO = Path(__file__).resolve().parents[2]
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-ServeFn = Callable[[int, Callable[[int], str]], str]
+# Short phases; the interval and settle time scale them down from the real defaults.
+FAST = ["--idle-s", "0.7", "--hold-s", "0.6", "--load-s", "0.9", "--tail-s", "0.3"]
+FAST += ["--interval-s", "0.1", "--settle-s", "0.25", "--alloc-mib", "2048", "--no-plots"]
 
 
 def _nvml_present() -> bool:
@@ -31,82 +34,15 @@ def _nvml_present() -> bool:
     return True
 
 
-# -- Prometheus parsing ----------------------------------------------------------------------------
+def _gpu_check() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
-# -- Prometheus collector over HTTP ----------------------------------------------------------------
-
-
-# -- base class failure handling -------------------------------------------------------------------
-
-
-# -- NVML ------------------------------------------------------------------------------------------
-
-
-class _FakeNVMLError(Exception):
-    def __init__(self, value: int) -> None:
-        super().__init__(f"NVML error {value}")
-        self.value = value
-
-
-def _fake_pynvml() -> types.ModuleType:
-    """Two GPUs; GPU 1 lacks the energy counter (NOT_SUPPORTED), like pre-Volta boards."""
-    nv = types.ModuleType("pynvml")
-    energy = {0: 5_000_000}
-    calls = {"energy1": 0}
-    state = {"load": False}  # tests flip this to emulate a busy GPU
-
-    def total_energy(h: int) -> int:
-        if h == 1:
-            calls["energy1"] += 1
-            raise _FakeNVMLError(3)
-        energy[0] += 1000  # 1 J per sample
-        return energy[0]
-
-    attrs = {
-        "NVMLError": _FakeNVMLError,
-        "NVML_ERROR_NOT_SUPPORTED": 3,
-        "NVML_ERROR_FUNCTION_NOT_FOUND": 13,
-        "NVML_CLOCK_SM": 1,
-        "NVML_CLOCK_MEM": 2,
-        "NVML_TEMPERATURE_GPU": 0,
-        "calls": calls,
-        "state": state,
-        "nvmlInit": lambda: None,
-        "nvmlShutdown": lambda: None,
-        "nvmlDeviceGetCount": lambda: 2,
-        "nvmlDeviceGetHandleByIndex": lambda i: i,
-        "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(
-            gpu=(90 if state["load"] else 3) + h, memory=40
-        ),
-        "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(used=2**30, total=80 * 2**30),
-        "nvmlDeviceGetPowerUsage": lambda h: 350_000 if state["load"] else 80_000,
-        "nvmlDeviceGetTotalEnergyConsumption": total_energy,
-        "nvmlDeviceGetClockInfo": lambda h, c: 1980 if c == 1 else 2619,
-        "nvmlDeviceGetTemperature": lambda h, s: 61,
-        "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 4,
-        "nvmlSystemGetDriverVersion": lambda: "550.54.15",
-        "nvmlSystemGetNVMLVersion": lambda: b"12.550.54.15",
-        "nvmlSystemGetCudaDriverVersion": lambda: 12040,
-        "nvmlDeviceGetName": lambda h: "NVIDIA H100 80GB HBM3",
-        "nvmlDeviceGetUUID": lambda h: f"GPU-{h}",
-        "nvmlDeviceGetEnforcedPowerLimit": lambda h: 700_000,
-    }
-    for k, v in attrs.items():
-        setattr(nv, k, v)
-    return nv
-
-
-# -- host ------------------------------------------------------------------------------------------
-
-
-# -- timeline --------------------------------------------------------------------------------------
-
-
-# -- plots -----------------------------------------------------------------------------------------
-
-
-# -- tools/gpu_check.py ----------------------------------------------------------------------------
 @pytest.mark.skipif(_nvml_present(), reason="NVML works here; the no-GPU exit code is not reachable")
 def test_gpu_check_exits_3_without_nvml() -> None:
     env = {
@@ -114,53 +50,129 @@ def test_gpu_check_exits_3_without_nvml() -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--duration-s", "8"],
+        [sys.executable, str(REPO / "tools" / "gpu_check.py"), *FAST],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("NVML unavailable (")
+    assert proc.stdout.splitlines() == [proc.stdout.strip()]  # one line, the verdict
+    assert proc.stdout.startswith("SKIP: NVML unavailable (")
 
 
-def _import_gpu_check() -> types.ModuleType:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_gpu_check_bad_command_line_is_64(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _gpu_check().main(["--interval-s", "0.01"])
+    assert exit_.value.code == 64 and "--interval-s must be >= 0.1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("load_moves_gpu, expected_rc", [(True, 0), (False, 1)])
-def test_gpu_check_logic_with_fake_gpu(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    load_moves_gpu: bool,
-    expected_rc: int,
-) -> None:
-    """The idle/load/idle analysis, on a fake NVML whose GPU gets busy while the fake load runs."""
-    gpu_check = _import_gpu_check()
-    fake = _fake_pynvml()
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+class FakeLoad:
+    """A torch stand-in: the fake GPU's readings do what a real GPU's would under each step."""
 
-    def fake_load(torch: object, seconds: float) -> int:
-        fake.state["load"] = load_moves_gpu  # type: ignore[attr-defined]
+    def __init__(self, gpu: FakeGpu, *, util_under_load: int = 100, memory_moves: bool = True) -> None:
+        self.gpu = gpu
+        self.util_under_load = util_under_load
+        self.memory_moves = memory_moves
+        self.identity_reported: tuple[str | None, str | None] = (gpu.uuid[len("GPU-") :], gpu.pci_bus_id)
+        self.block_mib = 0
+
+    def identity(self) -> tuple[str | None, str | None]:
+        return self.identity_reported  # torch's UUID has no "GPU-" prefix
+
+    def prepare(self) -> None:
+        self.gpu.set(mem_used_mib=self.gpu.mem_used_mib + 1536)  # context + operands
+
+    def allocate(self, mib: int) -> int:
+        self.block_mib = mib
+        if self.memory_moves:
+            self.gpu.set(mem_used_mib=self.gpu.mem_used_mib + mib + 2)  # + the driver's page tables
+        return mib * 2**20
+
+    def release(self) -> None:
+        if self.memory_moves:
+            self.gpu.set(mem_used_mib=self.gpu.mem_used_mib - self.block_mib - 2)
+
+    def run(self, seconds: float) -> dict[str, Any]:
+        idle_power = self.gpu.power_w
+        self.gpu.set(util_pct=self.util_under_load, power_w=610.0, temp_c=62)
         time.sleep(seconds)
-        fake.state["load"] = False  # type: ignore[attr-defined]
-        return 1
+        self.gpu.set(util_pct=0, power_w=idle_power, temp_c=40)
+        return {"dtype": "torch.bfloat16", "iterations": 1000, "output_finite_and_nonzero": True}
 
-    monkeypatch.setattr(gpu_check, "_load_source", lambda: (object(), None))
-    monkeypatch.setattr(gpu_check, "_gpu_load", fake_load)
-    args = ["--duration-s", "2", "--interval-s", "0.1", "--settle-s", "0.15", "--out", str(tmp_path)]
-    rc = gpu_check.main(args)
+
+def _run(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake: FakeNvml,
+    load: FakeLoad,
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> tuple[int, str, dict[str, str]]:
+    monkeypatch.setitem(sys.modules, "pynvml", fake.module)
+    for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    rc = _gpu_check().main([*FAST, *extra], load_source=lambda n: (load, None))
     out = capsys.readouterr().out
-    assert rc == expected_rc, out
-    assert (tmp_path / "timeline.csv").exists() and (tmp_path / "gpu.png").exists()
-    if expected_rc == 0:
-        assert out.rstrip().endswith("PASS")
-    else:
-        assert "no GPU showed utilization" in out
+    verdicts = {
+        line[5:].split()[0]: line[:4].strip()
+        for line in out.splitlines()
+        if line.startswith(("ok  ", "FAIL "))
+    }
+    return rc, out, verdicts
+
+
+ALL = {"match", "fields", "util", "memory", "power", "energy", "clocks", "sampling"}
+
+
+def test_gpu_check_passes_when_telemetry_tracks_the_load(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fake = machine(2)  # NVML index order is not PCI order here; cuda:0 is pinned by PCI_BUS_ID
+    cuda0 = fake.gpus[1]  # the lower PCI bus
+    rc, out, verdicts = _run(
+        monkeypatch,
+        capsys,
+        fake,
+        FakeLoad(cuda0),
+        {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+        ("--out", str(tmp_path)),
+    )
+    assert rc == 0, out
+    assert verdicts == dict.fromkeys(ALL, "ok"), out
+    assert out.rstrip().splitlines()[-1] == "PASS"
+    assert f"cuda:0 = NVML 1 {uuid(1)} by UUID" in out
+    assert (tmp_path / "timeline.csv").exists()
+    # The other GPU was watched too (no CUDA_VISIBLE_DEVICES), but never judged.
+    assert fake.calls[("nvmlDeviceGetPowerUsage", uuid(0))] > 0
+
+
+def test_gpu_check_fails_each_broken_reading(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Utilization stuck low, memory not moving, power above the cap, energy in the wrong unit:
+    four checks fail, and the ones whose readings are right still pass."""
+    gpu = FakeGpu(uuid(0), "00000000:1A:00.0", power_limit_w=450.0, energy_scale=1000.0)
+    rc, out, verdicts = _run(
+        monkeypatch, capsys, FakeNvml([gpu]), FakeLoad(gpu, util_under_load=55, memory_moves=False)
+    )
+    assert rc == 1
+    failed = {"util", "memory", "power", "energy"}
+    assert verdicts == {name: "FAIL" if name in failed else "ok" for name in ALL}, out
+    assert out.rstrip().splitlines()[-1] == "FAIL: util, memory, power, energy"
+    ratio = re.search(r"ratio ([0-9.]+)", out)
+    assert ratio is not None and 900 < float(ratio.group(1)) < 1100  # wrong unit: off by the factor
+
+
+def test_gpu_check_fails_when_cuda0_is_not_the_gpu_the_collector_maps(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = machine(2)
+    load = FakeLoad(fake.gpus[0])  # torch's cuda:0 is NVML 0 (bus 0x3A) ...
+    rc, out, verdicts = _run(monkeypatch, capsys, fake, load, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    # ... but under PCI_BUS_ID, CUDA index 0 is the lower bus: NVML 1 (0x1A). The readings of
+    # cuda:0's own GPU are still judged, and are fine.
+    assert rc == 1 and verdicts == {name: "FAIL" if name == "match" else "ok" for name in ALL}, out
+    assert f"takes CUDA index 0 for {uuid(1)}" in out and out.rstrip().endswith("FAIL: match")

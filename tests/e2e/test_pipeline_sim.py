@@ -27,6 +27,7 @@ SIM = {"ttft_base_ms": TTFT_MS, "itl_ms": ITL_MS, "max_batch": MAX_BATCH}
 # requests at once, so nothing queues in the simulator. The p50 target keeps early stopping satisfiable.
 USER_CONF = """\
 tiny.*.performance_sample_count_override = 16
+tiny.*.use_token_latencies = 1
 tiny.Offline.target_qps = 80
 tiny.Offline.min_duration = 1000
 tiny.Offline.min_query_count = 1

@@ -125,3 +125,16 @@ def test_accepted_values_read_as_written_and_lookup_follows_loadgen_precedence(t
     for value, lg in zip(doubles, got[len(cases) :], strict=True):
         (entry,) = parse_user_conf(tmp_path / f"qps{doubles.index(value)}.conf")
         assert lg["rc"] == 0 and lg["value"] == float(entry.value), value
+
+
+def test_loadgen_ignores_token_latency_limits_without_use_token_latencies(tmp_path: Path) -> None:
+    """Why the parser rejects such lines: LoadGen itself keeps its default limits."""
+    without = write(tmp_path, "m.Server.ttft_latency = 10\n", "without.conf")
+    with_flag = write(tmp_path, "m.*.use_token_latencies = 1\nm.Server.ttft_latency = 10\n", "with.conf")
+    jobs = [
+        {"path": str(p), "model": "m", "scenario": "Server", "attr": "ttft_latency"}
+        for p in (without, with_flag)
+    ]
+    ignored, read = loadgen_read(jobs)
+    assert ignored["rc"] == 0 and ignored["value"] == ignored["default"] == 100_000_000  # ns
+    assert read["value"] == 10_000_000

@@ -182,10 +182,16 @@ def test_engine_started_once_for_both_scenarios(cpu_session: dict[str, Any]) -> 
 def test_harness_token_count_equals_engine_counter(cpu_session: dict[str, Any], test_id: str) -> None:
     r = cpu_session["results"][test_id]
     client = json.loads((cpu_session["out"] / test_id / "client.json").read_text())
-    engine_delta = r["telemetry"]["engine_generation_tokens"]
-    assert engine_delta is not None, r["telemetry"]["collectors"]
-    # The engine also generated the warm-up request's tokens, sent before LoadGen started.
-    assert r["queries"]["output_tokens"] + client["warmup"]["n_tokens"] == int(engine_delta)
+    engine = r["engine"]
+    assert engine is not None and engine["generation_tokens"] is not None, r["telemetry"]["collectors"]
+    # Counted over LoadGen's window only: the warm-up request (sent before it) is left out.
+    assert client["warmup"]["n_tokens"] > 0
+    assert r["queries"]["output_tokens"] == int(engine["generation_tokens"])
+    assert r["queries"]["completed"] == int(engine["requests"])
+    # The engine's own latency histograms over the same window, beside the client's numbers.
+    for name in ("ttft", "e2e", "queue", "prefill"):
+        h = engine["histograms"][name]
+        assert h["count"] == r["queries"]["completed"] and h["mean"] > 0, (name, h)
 
 
 def test_engine_killed_mid_run_fails_fast_and_session_goes_on(cpu_session: dict[str, Any]) -> None:

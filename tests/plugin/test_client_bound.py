@@ -1,9 +1,5 @@
-"""Client fan-out (harness_fixtures.client.fanout) and client-bound detection, on the simulator.
-
-LoadGen stays in the runner; N worker processes stream. Checked end to end: every query completes
-exactly once, LoadGen's recorded token ids are the server's, first token before completion, a killed
-worker's queries complete as failures, and a starved client fails the gate with its numbers.
-"""
+"""Client-bound detection through pytest: a starved client fails the gate with its numbers, its
+diagnosis names the client, and ``--harness-allow-client-bound`` reports it without failing."""
 
 from __future__ import annotations
 
@@ -19,18 +15,10 @@ from harness_fixtures.servers import Endpoint
 StartSim = Callable[..., tuple[Endpoint, BenchmarkCase]]
 
 
-# -- the worker rule and the gate, as functions ----------------------------------------------------
-
-
-# -- the hot path both client kinds share ------------------------------------------------------------
-
-
-# -- end to end on the simulator -------------------------------------------------------------------
-
-
 # -- through pytest: the gate ------------------------------------------------------------------------
 STARVED_CONF = """\
 tiny.*.performance_sample_count_override = 16
+tiny.*.use_token_latencies = 1
 tiny.Server.target_qps = 20000
 tiny.Server.min_duration = 400
 tiny.Server.min_query_count = 100
@@ -62,6 +50,10 @@ def test_starved_client_fails_the_gate_with_its_numbers(harness_project: Any) ->
     assert client["dispatch_lag_ms_p99"] > 10 and client["workers"] == 1
     assert any(g["source"] == "client" for g in result["gate"])
     assert client["client_bound"] == [g["message"] for g in result["gate"] if g["source"] == "client"]
+    # The diagnosis names the client, not the engine, and says what to do.
+    assert result["diagnosis"]["verdict"].startswith("client-bound")
+    assert "--harness-client-workers" in result["diagnosis"]["next_step"]
+    res.stdout.fnmatch_lines(["*why: client-bound*"])
 
     allowed = harness_project.run(
         "--harness-client-workers", "1", "--harness-allow-client-bound", timeout=180

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 # Offline run ends long before min_duration.
 UNSIZED_USER_CONF = """\
 tiny.*.performance_sample_count_override = 16
+tiny.*.use_token_latencies = 1
 tiny.Offline.target_qps = 5
 tiny.Offline.min_duration = 1000
 tiny.Offline.min_query_count = 1

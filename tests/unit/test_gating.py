@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harness_fixtures.config import Thresholds
 from harness_fixtures.gating import (
@@ -465,3 +467,70 @@ def test_baseline_test_missing_is_a_warning_not_a_failure() -> None:
 
 
 FAST_SIM: dict[str, Any] = {"ttft_base_ms": 10, "itl_ms": 1, "max_batch": 16}
+
+
+# --------------------------------------------------------------------------- checked before any run
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    keys = st.sampled_from(["m", "m_offline", "results", "metrics", "created_utc", "max_ttft_p99_ms", "x"])
+    return st.lists(children, max_size=3) | st.dictionaries(keys, children, max_size=4)
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"max_ttft_p99_ms": "fast"}, r"m: max_ttft_p99_ms: Input should be a valid number.*\(got 'fast'\)"),
+        ({"max_failed_requests": -1}, r"m: max_failed_requests: Input should be greater than or equal to 0"),
+        ({"max_regression_pct_per_metric": 5}, r"m: max_regression_pct_per_metric: .*valid dictionary"),
+    ],
+)
+def test_threshold_values_are_checked_when_the_file_is_read(
+    tmp_path: Path, values: dict[str, Any], match: str
+) -> None:
+    """A bad value used to pass configure and crash after the whole run."""
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(yaml.safe_dump({"m": values}))
+    with pytest.raises(GateError, match=match) as exc:
+        load_threshold_overrides(path, set(Thresholds.model_fields))
+    assert str(path) in str(exc.value) and "fix the value" in str(exc.value)
+
+
+def test_threshold_names_that_match_no_case_or_test_are_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "thresholds.yaml"
+    path.write_text("m_ofline:\n  min_tokens_per_s: 1\nm:\n  min_tokens_per_s: 1\n")
+    names = {"m", "m_offline", "m_server"}
+    with pytest.raises(GateError, match=r"'m_ofline' is neither a case name nor a test id.*'m_offline'"):
+        load_threshold_overrides(path, set(Thresholds.model_fields), names)
+    path.write_text("m_server:\n  min_tokens_per_s: 1\n")
+    assert load_threshold_overrides(path, set(Thresholds.model_fields), names) == {
+        "m_server": {"min_tokens_per_s": 1}
+    }
+
+
+@pytest.mark.parametrize("bad", ["fast", True, None, float("nan"), [1]])
+def test_baseline_metrics_must_be_finite_numbers(tmp_path: Path, bad: Any) -> None:
+    """A non-numeric metric used to crash the comparison after the run."""
+    path = tmp_path / "baseline.yaml"
+    doc = {"created_utc": "2025", "results": {"m_offline": {"metrics": {"tokens_per_s": bad}}}}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(GateError) as exc:
+        Baseline.load(path)
+    message = str(exc.value)
+    assert str(path) in message and "results.m_offline.metrics.tokens_per_s" in message
+    assert "not a finite number" in message and "--harness-save-baseline" in message
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=8), _containers))
+def test_any_thresholds_or_baseline_file_is_read_or_named_never_a_crash(tmp_path: Path, doc: Any) -> None:
+    """Whatever YAML a user hands in, reading it gives the data or a GateError: never a traceback.
+    (One file, rewritten for each example.)"""
+    path = tmp_path / "file.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    for read in (
+        lambda: load_threshold_overrides(path, set(Thresholds.model_fields), {"m"}),
+        lambda: Baseline.load(path),
+    ):
+        try:
+            read()
+        except GateError as exc:
+            assert str(path) in str(exc)

@@ -7,10 +7,10 @@ import struct
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,8 +27,14 @@ from harness_fixtures.metrics import (
     summarize,
     write_timeline,
 )
-from harness_fixtures.metrics.plots import LatencyMarks
-from harness_fixtures.metrics.prometheus import ScrapeState, histogram_quantile, metrics_url
+from harness_fixtures.metrics.plots import LatencyMarks, build_figures
+from harness_fixtures.metrics.prometheus import (
+    BelowLowestBucket,
+    ScrapeState,
+    histogram_quantile,
+    metrics_url,
+    quantile_or_bound,
+)
 from harness_fixtures.results import Percentiles
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -209,10 +215,118 @@ def test_sglang_names_and_deprecated_aliases() -> None:
     assert dict(ScrapeState().update(both, 0.0))["kv_cache_usage"] == pytest.approx(0.3)
 
 
+TRTLLM_KINDS = {
+    **{k: "gauge" for k in ("running", "waiting", "kv_cache_usage")},
+    **{k: "counter" for k in ("prompt_tokens", "generation_tokens", "request_success", "prefix_cache_hits")},
+    "prefix_cache_queries": "counter",
+    **{k: "histogram" for k in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s")},
+}
+
+
+def test_trtllm_names_map_into_the_vocabulary() -> None:
+    """A hand-written exposition in TensorRT-LLM's names, buckets and labels (docs/engines.md)."""
+    state = ScrapeState()
+    out = dict(state.update((FIXTURES / "trtllm_metrics_small.txt").read_text(), t_s=0.0))
+    assert out == {"running": 7.0, "waiting": 2.0, "kv_cache_usage": 0.125}
+    # No preemption counter and no per-token histogram in TensorRT-LLM: those stay absent.
+    assert state.kinds == TRTLLM_KINDS
+    assert state.counters["request_success"].first == 16.0  # summed over finished_reason
+    assert state.counters["prefix_cache_queries"].first == 5280.0
+
+
+def _itl_text(n: int) -> str:
+    """vLLM's inter-token-latency buckets (lowest 10 ms) after n steps of 100 tokens: 98 of them
+    faster than 10 ms, 2 between 25 and 50 ms, as at GPU decode speed."""
+    bounds = ["0.01", "0.025", "0.05", "0.075", "0.1", "+Inf"]
+    fast, slow = 98 * n, 2 * n
+    counts = {"0.01": fast, "0.025": fast}
+    lines = ["# TYPE vllm:inter_token_latency_seconds histogram"]
+    for le in bounds:
+        lines.append(f'vllm:inter_token_latency_seconds_bucket{{le="{le}"}} {counts.get(le, fast + slow)}.0')
+    lines += [
+        f"vllm:inter_token_latency_seconds_count {fast + slow}.0",
+        f"vllm:inter_token_latency_seconds_sum {0.004 * fast + 0.03 * slow}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_quantile_in_the_lowest_bucket_is_only_a_bound() -> None:
+    inf = math.inf
+    assert quantile_or_bound(0.5, [(0.01, 98.0), (0.05, 100.0), (inf, 100.0)]) == BelowLowestBucket(0.01)
+    assert quantile_or_bound(0.99, [(0.01, 98.0), (0.05, 100.0), (inf, 100.0)]) == pytest.approx(0.03)
+    assert quantile_or_bound(0.5, [(0.01, 0.0), (inf, 0.0)]) is None
+    # An empty lowest bucket, or a bound at zero, is not a bound on anything.
+    assert quantile_or_bound(0.5, [(0.01, 0.0), (0.05, 10.0), (inf, 10.0)]) == pytest.approx(0.03)
+    # PromQL-style interpolation stays available and unchanged.
+    assert histogram_quantile(0.5, [(0.01, 98.0), (0.05, 100.0), (inf, 100.0)]) == pytest.approx(
+        0.0051, rel=0.01
+    )
+
+
+def test_below_bucket_quantiles_surface_as_bounds_not_numbers(tmp_path: Path) -> None:
+    state = ScrapeState()
+    state.update(_itl_text(0), t_s=0.0)
+    out = dict(state.update(_itl_text(1), t_s=1.0))
+    assert out["itl_s_p50_below"] == 0.01 and "itl_s_p50" not in out  # the timeline series
+    assert out["itl_s_p99"] == pytest.approx(0.0375)  # 0.99 rank sits in (0.025, 0.05]
+    assert out["itl_s_mean"] == pytest.approx(0.00452)  # the mean is exact: sum / count
+    state.update(_itl_text(3), t_s=2.0)
+    totals = state.histogram_summary("itl_s")
+    assert totals["p50_below"] == 0.01 and "p50" not in totals and totals["p99"] == pytest.approx(0.0375)
+    # The engine figure draws the bound as open down-triangles, not as a point on the p50 line.
+    samples = [Sample(t, "engine", "itl_s_p50_below", 0.01) for t in (1.0, 2.0)]
+    fig = build_figures(samples, [], None)["engine"]
+    latency = fig.axes[3]
+    assert [(ln.get_marker(), ln.get_label()) for ln in latency.get_lines()] == [("v", "ITL p50 < bound")]
+    assert list(latency.get_lines()[0].get_ydata()) == [10.0, 10.0]  # ms
+
+
+def test_prometheus_collector_moves_past_a_json_metrics_path() -> None:
+    """An external TensorRT-LLM server: /metrics is JSON, the Prometheus text is elsewhere."""
+    text = (FIXTURES / "trtllm_metrics_small.txt").read_text()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, kind = {
+                "/metrics": ('[{"iter": 1, "numActiveRequests": 7}]', "application/json"),
+                "/prometheus/metrics": (text, "text/plain; version=0.0.4"),
+            }.get(self.path, ("no", "text/plain"))
+            payload = body.encode()
+            self.send_response(200 if self.path in ("/metrics", "/prometheus/metrics") else 404)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        col = PrometheusCollector(url, interval_s=0.1, paths=("/metrics", "/prometheus/metrics"))
+        col.start(time.monotonic_ns())
+        col.stop()
+        assert col.status == "ok" and col.url == url + "/prometheus/metrics"
+        assert [v for _, v in col.series("running")] == [7.0, 7.0]  # the first tick already found it
+        only_json = PrometheusCollector(url, interval_s=0.1)
+        only_json.start(time.monotonic_ns())
+        only_json.stop()
+        assert (
+            only_json.status.startswith("failed (")
+            and "answers JSON, not Prometheus text" in only_json.status
+        )
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_metrics_url() -> None:
     assert metrics_url("http://h:8000") == "http://h:8000/metrics"
     assert metrics_url("http://h:8000/v1/") == "http://h:8000/metrics"
     assert metrics_url("http://h:8000/metrics") == "http://h:8000/metrics"
+    assert metrics_url("http://h:8000/v1", "/prometheus/metrics") == "http://h:8000/prometheus/metrics"
 
 
 # -- Prometheus collector over HTTP ----------------------------------------------------------------
@@ -334,7 +448,7 @@ def test_nvml_absent_is_unavailable_without_thread(caplog: pytest.LogCaptureFixt
     assert not col.is_running
     assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
     col.stop()
-    assert col.samples() == [] and col.energy_j_total() is None and col.gpu_info() == []
+    assert col.samples() == [] and col.window_energy(0.0, 1.0) == ([], None) and col.gpu_info() == []
 
 
 def test_nvml_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,102 +456,6 @@ def test_nvml_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
     col = NvmlCollector()
     col.start(time.monotonic_ns())
     assert col.status.startswith("unavailable (pynvml not importable")
-    assert not col.is_running
-
-
-class _FakeNVMLError(Exception):
-    def __init__(self, value: int) -> None:
-        super().__init__(f"NVML error {value}")
-        self.value = value
-
-
-def _fake_pynvml() -> types.ModuleType:
-    """Two GPUs; GPU 1 lacks the energy counter (NOT_SUPPORTED), like pre-Volta boards."""
-    nv = types.ModuleType("pynvml")
-    energy = {0: 5_000_000}
-    calls = {"energy1": 0}
-    state = {"load": False}  # tests flip this to emulate a busy GPU
-
-    def total_energy(h: int) -> int:
-        if h == 1:
-            calls["energy1"] += 1
-            raise _FakeNVMLError(3)
-        energy[0] += 1000  # 1 J per sample
-        return energy[0]
-
-    attrs = {
-        "NVMLError": _FakeNVMLError,
-        "NVML_ERROR_NOT_SUPPORTED": 3,
-        "NVML_ERROR_FUNCTION_NOT_FOUND": 13,
-        "NVML_CLOCK_SM": 1,
-        "NVML_CLOCK_MEM": 2,
-        "NVML_TEMPERATURE_GPU": 0,
-        "calls": calls,
-        "state": state,
-        "nvmlInit": lambda: None,
-        "nvmlShutdown": lambda: None,
-        "nvmlDeviceGetCount": lambda: 2,
-        "nvmlDeviceGetHandleByIndex": lambda i: i,
-        "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(
-            gpu=(90 if state["load"] else 3) + h, memory=40
-        ),
-        "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(used=2**30, total=80 * 2**30),
-        "nvmlDeviceGetPowerUsage": lambda h: 350_000 if state["load"] else 80_000,
-        "nvmlDeviceGetTotalEnergyConsumption": total_energy,
-        "nvmlDeviceGetClockInfo": lambda h, c: 1980 if c == 1 else 2619,
-        "nvmlDeviceGetTemperature": lambda h, s: 61,
-        "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 4,
-        "nvmlSystemGetDriverVersion": lambda: "550.54.15",
-        "nvmlSystemGetNVMLVersion": lambda: b"12.550.54.15",
-        "nvmlSystemGetCudaDriverVersion": lambda: 12040,
-        "nvmlDeviceGetName": lambda h: "NVIDIA H100 80GB HBM3",
-        "nvmlDeviceGetUUID": lambda h: f"GPU-{h}",
-        "nvmlDeviceGetEnforcedPowerLimit": lambda h: 700_000,
-    }
-    for k, v in attrs.items():
-        setattr(nv, k, v)
-    return nv
-
-
-def test_nvml_sampling_with_fake_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = _fake_pynvml()
-    fake.state["load"] = True  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    col = NvmlCollector(interval_s=0.1)
-    col.start(time.monotonic_ns())
-    time.sleep(0.35)
-    col.stop()
-    assert col.status == "ok"
-    fields = {"util_gpu_pct", "util_mem_pct", "mem_used_mib", "power_w", "sm_clock_mhz", "mem_clock_mhz"}
-    fields |= {"temp_c", "throttle_reasons"}
-    summary = col.summary()
-    assert {f"gpu0.{f}" for f in fields | {"energy_mj"}} <= summary.keys()
-    assert {f"gpu1.{f}" for f in fields} <= summary.keys() and "gpu1.energy_mj" not in summary
-    assert summary["gpu0.power_w"]["mean"] == 350.0 and summary["gpu1.util_gpu_pct"]["max"] == 91.0
-    assert summary["gpu0.mem_used_mib"]["p50"] == 1024.0
-    n = len(col.series("gpu0.energy_mj"))
-    assert n >= 3 and col.energy_j_total() == pytest.approx(n - 1.0)
-    assert summary["gpu0.energy_mj"]["delta_j"] == pytest.approx(n - 1.0)
-    assert fake.calls["energy1"] == 1  # NOT_SUPPORTED is remembered, not retried or counted
-    info = col.gpu_info()
-    assert [g["uuid"] for g in info] == ["GPU-0", "GPU-1"]
-    assert info[0]["cuda_driver_version"] == "12.4" and info[0]["nvml_version"] == "12.550.54.15"
-    assert info[0]["memory_total_mib"] == 80 * 1024 and info[0]["power_limit_w"] == 700.0
-
-
-def test_nvml_driver_error_mid_run_is_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = _fake_pynvml()
-
-    def gpu_lost(h: int) -> int:
-        raise _FakeNVMLError(15)  # NVML_ERROR_GPU_IS_LOST
-
-    fake.nvmlDeviceGetPowerUsage = gpu_lost  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    col = NvmlCollector(interval_s=0.1)
-    col.start(time.monotonic_ns())
-    time.sleep(0.25)
-    col.stop()
-    assert col.status.startswith("failed (") and "NVML error 15" in col.status
     assert not col.is_running
 
 
@@ -598,6 +616,53 @@ def test_plots_written_against_time(tmp_path: Path) -> None:
     for p in paths:
         assert p.stat().st_size > 20_000, p
         assert _png_size(p) == (1200, 800)
+
+
+def test_time_figures_mark_the_warmup_and_the_loadgen_window() -> None:
+    from harness_fixtures.metrics.plots import RunWindow, build_figures
+
+    samples, requests = _synthetic_run()
+    window = RunWindow.of(
+        {"warmup": {"start_s": 0.5, "end_s": 1.0}, "loadgen_start_s": 1.2, "loadgen_end_s": 14.0}
+    )
+    figs = build_figures(samples, requests, window=window)
+    for stem in ("client", "engine", "host", "gpu"):
+        for ax in figs[stem].axes:
+            spans = [_xspan(p) for p in ax.patches]
+            assert (0.5, 1.0) in spans and (1.2, 14.0) in spans, (stem, ax.get_title(), spans)
+        labels = figs[stem].axes[0].get_legend_handles_labels()[1]
+        assert "warm-up" in labels and "LoadGen measured window" in labels, (stem, labels)
+    # The CDF has no time axis: nothing to shade.
+    assert not any(ax.patches for ax in figs["latency_cdf"].axes)
+    # Without a window nothing is shaded.
+    assert not any(ax.patches for ax in build_figures(samples, requests)["engine"].axes)
+
+
+def _xspan(patch: Any) -> tuple[float, float]:
+    """(start, end) along x of an axvspan patch (a Rectangle in recent matplotlib, a Polygon before)."""
+    from matplotlib.patches import Rectangle
+
+    if isinstance(patch, Rectangle):
+        return round(patch.get_x(), 3), round(patch.get_x() + patch.get_width(), 3)
+    xs = [float(x) for x, _ in patch.get_xy()]
+    return round(min(xs), 3), round(max(xs), 3)
+
+
+def test_capacity_plot_shows_each_probe_against_the_limit(tmp_path: Path) -> None:
+    from harness_fixtures.loadgen.capacity import Limits
+    from harness_fixtures.metrics.plots import write_capacity_plot
+    from harness_fixtures.results import CapacityProbe, CapacityResult
+
+    probes = [
+        CapacityProbe(qps=q, percentile=0.93, ttft_margin=m, tpot_margin=0.2, verdict=v, duration_s=1.0)
+        for q, m, v in ((5.0, 0.6, "pass"), (8.0, 1.3, "fail"), (6.5, 0.95, "pass"), (7.2, 1.05, "fail"))
+    ]
+    cap = CapacityResult(found_qps=6.5, target_precision=0.05, upper_bound_qps=10.0, probes=probes)
+    path = write_capacity_plot(
+        tmp_path / "capacity.png", cap, Limits(ttft_ms=100.0, tpot_ms=50.0, percentile=0.9)
+    )
+    assert path is not None and _png_size(Path(path)) == (1200, 800)
+    assert write_capacity_plot(tmp_path / "x.png", cap, object()) is None  # a bad input never raises
 
 
 def test_plots_skip_absent_data(tmp_path: Path) -> None:

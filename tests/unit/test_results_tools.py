@@ -340,12 +340,12 @@ def test_sse_stream_records_the_id_line_and_each_chunks_arrival() -> None:
     from harness_fixtures.client.streaming import RequestRecord, _SseStream
 
     rec = RequestRecord(query_id=1, sample_index=0, issued_ns=0)
-    stream = _SseStream(None, rec, report=False)  # type: ignore[arg-type]
+    stream = _SseStream(None, rec, report=False, usage_mode=False)  # type: ignore[arg-type]
     chunk = b'data: {"id":"cmpl-9","choices":[{"index":0,"text":"a","token_ids":[%d]}]}\n\n'
     stream.feed(b"id: evt-1\n" + chunk % 5)
     stream.feed(chunk % 6 + chunk % 7 + b"data: [DONE]\n\n")
     assert rec.server_request_id == "evt-1"  # the SSE id field came first and wins
     assert rec.token_ids == [5, 6, 7] and len(rec.chunk_ns) == 3 and rec.chunk_ns == sorted(rec.chunk_ns)
     rec2 = RequestRecord(query_id=2, sample_index=0, issued_ns=0)
-    _SseStream(None, rec2, report=False).feed(chunk % 5)  # type: ignore[arg-type]
+    _SseStream(None, rec2, report=False, usage_mode=False).feed(chunk % 5)  # type: ignore[arg-type]
     assert rec2.server_request_id == "cmpl-9"  # else the chunk's own id

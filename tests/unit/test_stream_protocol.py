@@ -4,7 +4,9 @@ arbitrary byte splits (hypothesis), and the StreamingClient against an in-proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from harness_fixtures.client.http import HttpError, Response, _Exchange
 from harness_fixtures.client.spec import ClientSpec
-from harness_fixtures.client.streaming import RequestRecord, StreamingClient
+from harness_fixtures.client.streaming import RequestRecord, StreamingClient, _SseStream
 from harness_fixtures.config import DatasetSpec, GenerationSpec
 
 TOKENS = [[11], [12, 13], [14], [2]]
@@ -161,14 +163,18 @@ class FakeServer:
         self.server.close()
         for w in self.writers:
             w.close()
-        # Let every transport finish closing before the loop stops: one still "closing" when the
-        # loop is closed is reported as an unclosed-transport ResourceWarning in a later test.
-        await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()  # every transport closed here, not left to the garbage collector
         await self.server.wait_closed()
-        self.loop.stop()
+        me = asyncio.current_task()
+        handlers = [t for t in asyncio.all_tasks() if t is not me]
+        for t in handlers:
+            t.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
 
@@ -232,3 +238,173 @@ def test_usage_disagreeing_with_the_ids_is_a_failed_request_without_tokens() -> 
         server.stop()
     assert rec.status == "error" and rec.n_tokens == 0 and rec.token_ids == []
     assert "usage says 6" in (rec.error or "")
+
+
+# -- SSE framing (the specification's: CR/LF variants, multi-line data, comments, other fields) -----
+class _Sink:
+    """Stands in for the StreamingClient an _SseStream reports to."""
+
+    def __init__(self) -> None:
+        self.firsts: list[int | None] = []
+        self.spec = ClientSpec(
+            base_url="http://h",
+            served_model="m",
+            generation=GenerationSpec(),
+            dataset=DatasetSpec(path="unused.json"),
+            dataset_path="unused.json",
+        )
+
+    def _on_first_token(self, rec: RequestRecord) -> None:
+        self.firsts.append(rec.first_token_id)
+
+
+def sse_stream(usage_mode: bool = False) -> tuple[_SseStream, _Sink, RequestRecord]:
+    sink = _Sink()
+    rec = RequestRecord(query_id=1, sample_index=0, issued_ns=1)
+    return _SseStream(sink, rec, True, usage_mode), sink, rec  # type: ignore[arg-type]
+
+
+def feed_pieces(stream: _SseStream, data: bytes, cuts: list[int]) -> bool:
+    done, pos = False, 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        if cut > pos:
+            done = stream.feed(data[pos:cut]) or done
+            pos = cut
+    return done
+
+
+@st.composite
+def sse_text(draw: st.DrawFn) -> tuple[bytes, list[int], str]:
+    """A stream of token events written with arbitrary (legal) SSE framing; returns (bytes, ids, finish)."""
+    batches = draw(st.lists(st.lists(st.integers(0, 60_000), min_size=1, max_size=3), min_size=1, max_size=6))
+    finish = draw(st.sampled_from(["length", "stop"]))
+    eol = st.sampled_from(["\n", "\r\n", "\r"])
+    out: list[str] = []
+    for i, ids in enumerate(batches):
+        fin = f'"{finish}"' if i == len(batches) - 1 else "null"
+        spaced = draw(st.booleans())  # compact JSON (the fast path) or with spaces (json.loads)
+        sep = ", " if spaced else ","
+        payload = (
+            f'{{"id":"c"{sep}"choices":[{{"index":0{sep}"text":"x"{sep}"finish_reason":{fin}{sep}'
+            f'"token_ids":[{sep.join(map(str, ids))}]}}]}}'
+        )
+        if draw(st.booleans()):
+            out.append(": keep-alive comment" + draw(eol))
+        if draw(st.booleans()):
+            out.append("event: message" + draw(eol) + "id: 7" + draw(eol))
+        prefix = draw(st.sampled_from(["data: ", "data:"]))
+        # A line end and the blank line after it use one style: "\r" then "\n" would be one CRLF.
+        end = draw(eol)
+        if draw(st.booleans()) and "," in payload:
+            # one event in two data lines: joined with a newline, still one JSON document
+            k = draw(st.sampled_from([i for i, c in enumerate(payload) if c == ","])) + 1
+            out.append(prefix + payload[:k] + draw(eol) + prefix + payload[k:] + end + end)
+        else:
+            out.append(prefix + payload + end + end)
+    n = sum(len(b) for b in batches)
+    end = draw(eol)
+    out.append(f'data: {{"choices":[],"usage":{{"completion_tokens":{n}}}}}' + end + end)
+    end = draw(eol)
+    out.append("data: [DONE]" + end + end)
+    ids = [t for b in batches for t in b]
+    return "".join(out).encode(), ids, finish
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=sse_text(), cuts=st.lists(st.integers(0, 100_000), max_size=40))
+def test_sse_any_framing_and_split_yields_the_same_tokens(
+    case: tuple[bytes, list[int], str], cuts: list[int]
+) -> None:
+    data, ids, finish = case
+    stream, sink, rec = sse_stream()
+    assert feed_pieces(stream, data, cuts) is True  # [DONE] completes the answer by itself
+    stream.finish()
+    assert rec.token_ids == ids and rec.n_tokens == len(ids) and rec.finish_reason == finish
+    assert sink.firsts == [ids[0]]
+    assert stream.feed(b"data: junk after done\n\n") is True  # nothing after [DONE] is read
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=20), eol=st.sampled_from(["\n", "\r\n", "\r"]))
+def test_sse_usage_mode_counts_from_usage(cuts: list[int], eol: str) -> None:
+    """A stream without ids (TensorRT-LLM or SGLang chat): first token = first chunk with output,
+    count = the last usage; the role chunk's empty content is not a token."""
+    events = [
+        '{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"usage":{"completion_tokens":0}}',
+        '{"choices":[{"index":0,"delta":{"content":"Hel"}}],"usage":{"completion_tokens":1}}',
+        '{"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"length"}],"usage":{"completion_tokens":3}}',
+        '{"choices":[],"usage":{"completion_tokens":3}}',
+        "[DONE]",
+    ]
+    data = "".join(f"data: {e} {eol}{eol}" for e in events).encode()  # trtllm-serve puts a space there
+    stream, sink, rec = sse_stream(usage_mode=True)
+    assert feed_pieces(stream, data, cuts) is True
+    stream.finish()
+    assert rec.n_tokens == 3 and rec.token_ids == [] and rec.finish_reason == "length"
+    assert sink.firsts == [None]  # the time is known, the id is not: none is made up
+
+
+def test_sse_end_of_body_without_final_blank_line_still_reads_done() -> None:
+    stream, _, rec = sse_stream()
+    assert stream.feed(b'data: {"choices":[{"index":0,"token_ids":[5]}]}\n\ndata: [DONE]') is False
+    stream.finish()  # the body ended: the last event is read, as common clients do
+    assert rec.token_ids == [5]
+
+
+# -- HTTP framing errors are HttpErrors with the reason, never a hang or a raw ValueError -----------
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        ("Content-Length: -1", "invalid Content-Length '-1'"),
+        ("Content-Length: 12abc", "invalid Content-Length '12abc'"),
+        ("Content-Length: 5\r\nContent-Length: 6", "invalid Content-Length '5, 6'"),
+        ("Content-Length: ٣", "invalid Content-Length"),  # a Unicode digit int() would accept
+        ("Transfer-Encoding: gzip, chunked", "unsupported Transfer-Encoding"),
+        ("Content-Encoding: gzip\r\nContent-Length: 3", "compressed"),
+    ],
+)
+def test_bad_framing_headers_fail_with_the_reason(header: str, fragment: str) -> None:
+    ex = new_exchange([])
+    with pytest.raises(HttpError, match=re.escape(fragment)):
+        ex.feed(f"HTTP/1.1 200 OK\r\n{header}\r\n\r\nabc".encode())
+
+
+def test_repeated_equal_content_length_is_one() -> None:
+    got: list[bytes] = []
+    ex = new_exchange(got)
+    assert ex.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc") is True
+    assert got == [b"abc"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.text(max_size=12))
+def test_any_content_length_value_parses_or_is_an_http_error(value: str) -> None:
+    ex = new_exchange([])
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: " + value.encode("utf-8") + b"\r\n\r\n"
+    try:
+        ex.feed(wire)
+    except HttpError as exc:
+        assert "Content-Length" in str(exc) or "not an HTTP response" in str(exc)
+    else:
+        assert value.strip().isdigit() and value.strip().isascii()
+
+
+@pytest.mark.parametrize("size", [b"0x10", b"1_0", b"-5", b"+5", b" "])
+def test_chunk_sizes_that_int_would_accept_are_refused(size: bytes) -> None:
+    ex = new_exchange([])
+    with pytest.raises(HttpError, match="bad chunk size"):
+        ex.feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\n" + b"x" * 20 + b"\r\n"
+        )
+
+
+def test_body_callback_can_complete_the_message_before_the_body_ends() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        fut: asyncio.Future[Response] = loop.create_future()
+        ex = _Exchange(fut, lambda data: b"[DONE]" in data, None)
+        done = ex.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\ndata: [DONE]\r\n")
+        assert done is False and fut.done() and fut.result().complete is False  # answered, still draining
+        assert ex.feed(b"0\r\n\r\n") is True
+    finally:
+        loop.close()

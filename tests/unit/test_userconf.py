@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from harness_fixtures.loadgen.userconf import ConfEntry, UserConfError, parse_user_conf
+from harness_fixtures.loadgen.userconf import ConfEntry, UserConfError, parse_user_conf, unknown_models
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,3 +97,38 @@ MISREAD: list[tuple[str, str, dict[str, Any]]] = [
     ("m.Server.min_query_count = 700 #", "comment after the value", {"rc": -22}),
     ("m.Server.target_qps = -3", "must be a number >= 0", {"rc": 0, "value": -3.0}),
 ]
+
+
+def test_token_latency_limits_without_use_token_latencies_are_rejected(tmp_path: Path) -> None:
+    # LoadGen keeps its 100 ms defaults for these unless use_token_latencies = 1 applies (checked by
+    # running LoadGen: tests/e2e/test_userconf_loadgen.py).
+    message = errors_of(write(tmp_path, "m.Server.ttft_latency = 2000\nm.Server.tpot_latency = 200\n"))
+    assert "user.conf:1: LoadGen ignores ttft_latency unless use_token_latencies = 1" in message
+    assert (
+        "user.conf:2: LoadGen ignores tpot_latency" in message and "'m.*.use_token_latencies = 1'" in message
+    )
+    for enable in (
+        "m.*.use_token_latencies = 1",
+        "*.Server.use_token_latencies = 1",
+        "m.Server.use_token_latencies = 1",
+    ):
+        ok = parse_user_conf(write(tmp_path, f"{enable}\nm.Server.ttft_latency = 2000\n"))
+        assert [e.key for e in ok] == ["use_token_latencies", "ttft_latency"]
+
+
+def test_lines_for_a_model_no_case_uses_are_named_with_a_hint(tmp_path: Path) -> None:
+    """LoadGen ignores a line whose model part matches nothing: a typo there silently runs with
+    other settings."""
+    path = write(
+        tmp_path,
+        "llama3_1-8b.Server.target_qps = 5\n"
+        "llama3_1-8b-interactiv.Server.target_qps = 2\n"
+        "*.Offline.min_duration = 10\n"
+        "gptj.Offline.target_qps = 1\n",
+    )
+    names = {"llama3_1-8b", "llama3_1-8b-interactive"}
+    first, second = unknown_models(path, parse_user_conf(path), names)
+    assert first.startswith(f"{path}:2: model 'llama3_1-8b-interactiv' is not the LoadGen model name")
+    assert "did you mean 'llama3_1-8b-interactive'?" in first and "use '*', or remove the line" in first
+    assert second.startswith(f"{path}:4: model 'gptj'")
+    assert unknown_models(path, parse_user_conf(path), {*names, "gptj", "llama3_1-8b-interactiv"}) == []

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     pass
 
-from ...environment import redact_text, scrub_url_credentials
+from ... import redaction
 from ...metrics.timeline import read_timeline
 
 log = logging.getLogger("harness_fixtures.mlflow")
@@ -113,13 +113,13 @@ def session_id_of(metadata: dict[str, Any]) -> str:
 
 def scrub(text: str) -> str:
     """Secret values from the environment and user:password@ in URLs → ``***`` (one redaction for
-    every file, log line and MLflow field: harness_fixtures.environment)."""
-    return redact_text(text, [os.environ.get(name, "") for name in SECRET_ENV])
+    every file, log line and MLflow field: harness_fixtures.redaction)."""
+    return redaction.text(text, [os.environ.get(name, "") for name in SECRET_ENV])
 
 
 def public_uri(uri: str) -> str:
     """A tracking URI without its credentials, fit for messages and files."""
-    return scrub_url_credentials(uri)
+    return redaction.scrub_url(uri)
 
 
 def _number(v: Any) -> float | None:
@@ -237,7 +237,7 @@ def _params(result: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(v, dict) and k not in ("out_dir", "test_id", "t0_monotonic_ns"):
             p[f"run.{k}"] = v
     for k in ("request_timeout_s", "max_connections", "api_key_env", "sample_count"):
-        p[f"run.{k}"] = client.get(k)
+        p[f"run.{k}"] = client.get(k, (client.get("http") or {}).get(k))
     for k, v in (env.get("packages") or {}).items():
         p[f"package.{k}"] = v
     return p

@@ -1,0 +1,204 @@
+"""The capacity search (harness_fixtures.loadgen.capacity) against synthetic latency curves: it brackets,
+refines on the margins, looks twice at contradicting verdicts and names the binding limit."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness_fixtures.loadgen.capacity import (
+    CapacitySearch,
+    Limits,
+    early_stopping_percentile,
+    isotonic,
+    probe_margins,
+)
+from harness_fixtures.results import CapacityProbe
+
+Curve = Callable[[float], float]
+
+
+def queue_curve(capacity: float, unloaded: float = 0.3) -> Curve:
+    """Latency / limit of an M/M/1-like server: ``unloaded`` at no load, 1.0 at ``capacity``."""
+    diverges = capacity / (1 - unloaded)  # the load at which latency grows without bound
+
+    def margin(q: float) -> float:
+        rho = q / diverges
+        return unloaded / (1 - rho) if rho < 1 else math.inf
+
+    return margin
+
+
+def probe_for(
+    ttft: Curve, tpot: Curve | None = None, noise: float = 0.0, seed: int = 0
+) -> Callable[[float], CapacityProbe]:
+    rng = random.Random(seed)
+
+    def probe(qps: float) -> CapacityProbe:
+        a = ttft(qps) * (rng.lognormvariate(0, noise) if noise else 1.0)
+        b = None if tpot is None else tpot(qps) * (rng.lognormvariate(0, noise) if noise else 1.0)
+        ok = a <= 1.0 and (b is None or b <= 1.0)
+        return CapacityProbe(
+            qps=qps, ttft_margin=a, tpot_margin=b, verdict="pass" if ok else "fail", duration_s=1.0
+        )
+
+    return probe
+
+
+def crossing(curve: Curve, upper: float) -> float:
+    """The load where ``curve`` reaches 1, by bisection (the truth the search must find)."""
+    lo, hi = 0.0, upper
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if curve(mid) <= 1 else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("capacity", [3.0, 17.0, 40.0, 250.0])
+@pytest.mark.parametrize("upper_factor", [1.2, 2.5, 6.0])
+def test_finds_the_boundary_within_precision_in_few_probes(capacity: float, upper_factor: float) -> None:
+    curve = queue_curve(capacity)
+    upper = capacity * upper_factor
+    truth = crossing(curve, upper)
+    result = CapacitySearch(probe_for(curve), upper_qps=upper, precision=0.05, max_probes=8).run()
+    assert result.found_qps is not None
+    assert truth * 0.95 <= result.found_qps <= truth, (result.found_qps, truth, result.probes)
+    assert len(result.probes) <= 8
+    assert result.precision is not None and result.precision <= 0.05
+    assert result.binding_constraint == "ttft"
+
+
+@pytest.mark.parametrize("capacity_share", [0.15, 0.25, 0.9])
+def test_a_margin_that_barely_moves_with_load_is_bracketed_without_creeping(capacity_share: float) -> None:
+    # Latency mostly fixed (a limit just above the unloaded latency): the margin is 0.9 at no load and
+    # only 1.45 at the upper bound, so margin-sized steps alone would move 10 % at a time.
+    upper = 28.0
+    capacity = capacity_share * upper
+
+    def curve(q: float) -> float:
+        return 0.9 + 0.1 * q / capacity if q <= capacity else 1.0 + 0.45 * (q - capacity) / (upper - capacity)
+
+    truth = crossing(curve, upper)
+    result = CapacitySearch(probe_for(curve), upper_qps=upper, precision=0.05, max_probes=8).run()
+    assert result.found_qps is not None, result.probes
+    assert truth * 0.95 <= result.found_qps <= truth, (
+        result.found_qps,
+        truth,
+        [p.qps for p in result.probes],
+    )
+    assert len(result.probes) <= 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(capacity=st.floats(0.5, 2000.0), unloaded=st.floats(0.05, 0.9), upper_factor=st.floats(1.05, 20.0))
+def test_the_found_load_never_fails_and_the_bracket_is_honest(
+    capacity: float, unloaded: float, upper_factor: float
+) -> None:
+    curve = queue_curve(capacity, unloaded)
+    result = CapacitySearch(probe_for(curve), upper_qps=capacity * upper_factor, max_probes=12).run()
+    passed = {p.qps for p in result.probes if p.verdict == "pass"}
+    failed = {p.qps for p in result.probes if p.verdict == "fail"}
+    assert result.found_qps is None or result.found_qps in passed
+    if result.found_qps is not None and result.lowest_failing_qps is not None:
+        assert result.found_qps < result.lowest_failing_qps and result.lowest_failing_qps in failed
+
+
+def test_noisy_verdicts_still_converge_and_name_the_binding_limit() -> None:
+    ttft = queue_curve(20.0, unloaded=0.5)
+    tpot = queue_curve(14.0, unloaded=0.6)  # TPOT reaches its limit first
+    truth = crossing(lambda q: max(ttft(q), tpot(q)), 100.0)
+    found = []
+    for seed in range(8):
+        r = CapacitySearch(probe_for(ttft, tpot, noise=0.08, seed=seed), upper_qps=40.0, max_probes=10).run()
+        assert r.found_qps is not None and r.binding_constraint == "tpot", r
+        found.append(r.found_qps)
+    # Noise moves single verdicts; the search still lands within 10 % of the truth in most seeds.
+    assert sum(abs(f / truth - 1) <= 0.10 for f in found) >= 6, (found, truth)
+
+
+def test_an_unlucky_verdict_is_probed_again() -> None:
+    calls: list[float] = []
+    curve = queue_curve(10.0)
+
+    def probe(qps: float) -> CapacityProbe:
+        calls.append(qps)
+        m = curve(qps)
+        # The second probe (below capacity) comes out unlucky once: over the limit by noise.
+        if len(calls) == 2:
+            m = 1.05
+        return CapacityProbe(qps=qps, ttft_margin=m, verdict="pass" if m <= 1 else "fail", duration_s=1)
+
+    r = CapacitySearch(probe, upper_qps=30.0, max_probes=10).run()
+    assert calls.count(calls[1]) == 2, calls  # the doubtful load was looked at twice
+    truth = crossing(curve, 30.0)
+    assert r.found_qps is not None and truth * 0.9 <= r.found_qps <= truth, (r.found_qps, truth, calls)
+
+
+def test_no_load_passes_when_the_limit_is_below_unloaded_latency() -> None:
+    r = CapacitySearch(probe_for(lambda q: 1.5 + q), upper_qps=50.0, max_probes=12).run()
+    assert r.found_qps is None
+    assert "no load passes" in r.stopped_because
+
+
+def test_passing_at_the_upper_bound_stops_there() -> None:
+    r = CapacitySearch(probe_for(lambda q: 0.2), upper_qps=50.0).run()
+    assert r.found_qps == 50.0 and "upper bound" in r.stopped_because
+
+
+def test_isotonic_fit_is_monotone_and_pools_violators() -> None:
+    fit = isotonic([(1, 0.5), (2, 0.9), (3, 0.7), (4, 1.5)])
+    assert [y for _, y in fit] == pytest.approx([0.5, 0.8, 1.5])
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(fit))
+
+
+def _allowed_overlatency(n: int, p: float, confidence: float = 0.99) -> int:
+    """Brute force: the most overlatency queries among n that LoadGen's early stopping accepts."""
+    cdf, allowed = 0.0, -1
+    for t in range(n + 1):
+        cdf += math.comb(n, t) * (1 - p) ** t * p ** (n - t)
+        if cdf > 1 - confidence:
+            break
+        allowed = t
+    return allowed
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=1, max_value=600), st.sampled_from([0.5, 0.9, 0.95, 0.99]))
+def test_early_stopping_percentile_admits_exactly_the_overlatency_loadgen_accepts(n: int, p: float) -> None:
+    allowed = _allowed_overlatency(n, p)
+    got = early_stopping_percentile(n, p)
+    if allowed < 0:
+        assert got is None  # too few queries: no run of n passes early stopping
+        return
+    assert got is not None and got >= p - 1 / n
+    # LoadGen's percentile index floor(n·q) must land on the (n − allowed)-th latency: the run passes
+    # early stopping iff that latency is within the limit.
+    assert math.floor(n * got + 1e-9) == n - allowed - 1
+
+
+def test_early_stopping_percentile_tends_to_the_scenario_percentile() -> None:
+    # 500 queries at p90 may have 34 over the limit (p93); a long run approaches p90 from above.
+    assert early_stopping_percentile(500, 0.9) == pytest.approx(0.93)
+    short, long = early_stopping_percentile(1_000, 0.9), early_stopping_percentile(270_336, 0.9)
+    assert short is not None and long is not None and 0.9 < long < short
+    assert long < 0.902
+    assert early_stopping_percentile(40, 0.9) is None  # 0.9^40 > 1 %: even 0 overlatency cannot pass
+
+
+def test_probe_margins_read_the_request_log_at_the_percentile_asked() -> None:
+    requests = [
+        {"status": "ok", "issued_s": 0.0, "first_token_s": i / 1000, "done_s": 1.0, "n_tokens": 5}
+        for i in range(1, 101)
+    ]
+    limits = Limits(ttft_ms=90.0, tpot_ms=None, percentile=0.9)
+    at_p90 = probe_margins(requests, limits, 0.9)["ttft"]
+    at_p95 = probe_margins(requests, limits, 0.95)["ttft"]
+    assert at_p90 is not None and at_p95 is not None and at_p95 > at_p90
+    assert at_p90 == pytest.approx(91 / 90, rel=0.02)
+    assert "tpot" not in probe_margins(requests, limits, 0.9)  # no limit, no margin
