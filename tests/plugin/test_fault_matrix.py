@@ -1040,7 +1040,9 @@ def test_planted_secrets_reach_no_file_log_or_terminal(
     )
     remote = harness_project.run(
         "--junitxml=junit-a.xml",
-        "--harness-api-key-env=HARNESS_TEST_API_KEY",
+        # Basic auth from the URL owns Authorization: the key travels in a header of its own here,
+        # and as --harness-api-key-env in the second session.
+        "--harness-header=X-Api-Key=env:HARNESS_TEST_API_KEY",
         f"--harness-server-url=http://bob:{PLANTED['url']}@127.0.0.1:{port}",
         *DEADLINES,
     )
@@ -1079,7 +1081,7 @@ def test_planted_secrets_reach_no_file_log_or_terminal(
         ] == [], what
         assert secret not in terminal, what
     md = yaml.safe_load((sessions[0] / "a_offline" / "metadata.yaml").read_text())
-    assert md["engine"]["base_url"] == f"http://***@127.0.0.1:{port}"
+    assert md["engine"]["base_url"] == f"http://127.0.0.1:{port}"  # the user:password never kept
     assert md["case"]["engine"]["env"] == {"HF_TOKEN": "***"} and md["case"]["engine"]["args"] == {
         "hf-token": "***"
     }
