@@ -23,8 +23,11 @@ pytest_plugins = ["pytester"]
 
 
 @pytest.fixture
-def harness_project(pytester: pytest.Pytester) -> HarnessProject:
+def harness_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> HarnessProject:
     """A project with one dataset, the tiny user.conf and a benchmark test module (no models yet)."""
+    # When this suite runs under xdist, the inner session must not believe it is an xdist worker.
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
     pytester.makefile(
         ".ini",
         pytest="""

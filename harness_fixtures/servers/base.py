@@ -183,9 +183,9 @@ def _model_names(text: str) -> list[Any] | None:
         data = json.loads(text).get("data")
     except (ValueError, AttributeError):
         return None
-    if not isinstance(data, list):
+    if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
         return None
-    return [m.get("id") if isinstance(m, dict) else m for m in data]
+    return [m.get("id") for m in data]
 
 
 def fetch_version(

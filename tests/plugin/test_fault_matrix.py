@@ -229,7 +229,8 @@ def test_engine_hangs(harness_project: HarnessProject, deadline: str) -> None:
         assert r.queries.issued > 0 and r.queries.failed == r.queries.issued and r.queries.completed == 0
         assert "timeout after 2 s" in (r.queries.first_error or "")
         result.stdout.fnmatch_lines(["*failed_requests * > max 0*first error: *timeout after 2 s*"])
-        assert harness_project.junit_times()["a_offline"] < 15
+        # ended by the 2 s request deadlines, not by the 20 s test deadline
+        assert harness_project.junit_times()["a_offline"] < 20
     else:
         assert timeouts == {"request_timeout_s": 600.0, "test_timeout_s": 3.0}
         assert r.status == "TIMEOUT" and "test deadline of 3 s passed" in (r.reason or "")
@@ -238,7 +239,9 @@ def test_engine_hangs(harness_project: HarnessProject, deadline: str) -> None:
         assert "not answered: the runner was stopped" in (r.queries.first_error or "")
         assert len(requests_of(test_dir)) == r.queries.issued
         result.stdout.fnmatch_lines(["*TIMEOUT*test deadline of 3 s passed; LoadGen stopped*"])
-        assert harness_project.junit_times()["a_offline"] < 12
+        # ended by the 3 s test deadline, not by the 600 s request deadline (the margin is for a
+        # loaded machine: engine start and teardown are in the test's time too)
+        assert harness_project.junit_times()["a_offline"] < 60
 
 
 # One session, one engine per fault: each request hit by the fault fails, the others pass.

@@ -27,7 +27,10 @@ def answering_model(project: HarnessProject, name: str, scenarios: tuple[str, ..
     refs = summaries()
     vocab = build_tokenizer(root / "tok", refs)
     ids = [[vocab[w] for w in t.split()] for t in refs]
-    prompts = [[1000 + i, 2000 + i, 3000 + i] for i in range(len(refs))]
+    # Distinct prompts (the simulator answers by prompt), made of ids the tokenizer knows: token ids
+    # are checked against the model's vocabulary before any engine starts.
+    assert len(refs) + 2 < len(vocab)
+    prompts = [[i, i + 1, i + 2] for i in range(len(refs))]
     rows = [
         {"input": f"article {i}", "tok_input": p, "output": t}
         for i, (p, t) in enumerate(zip(prompts, refs, strict=True))
