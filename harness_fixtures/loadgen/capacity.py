@@ -1,24 +1,27 @@
 """Capacity search: the highest Server/Interactive load whose latencies stay within LoadGen's limits.
 
 Each probe is a short LoadGen PerformanceOnly run (the same child process and client as a test)
-judged by LoadGen's own latency constraints at the scenario's percentile. Besides the verdict a probe
-yields a *margin* per constraint, observed percentile / limit (1.0 = exactly at the limit), and the
-search works on those margins rather than on pass/fail alone:
+judged by LoadGen's latency constraints at the percentile its early stopping will demand of the
+full-length run at that load (:func:`early_stopping_percentile`: stricter than the scenario's
+percentile, e.g. p93 for a 500-query p90 run), so that a load that passes as a probe passes as a full
+run. Besides the verdict a probe yields a *margin* per constraint, observed percentile / limit (1.0 =
+exactly at the limit), and the search works on those margins rather than on pass/fail alone:
 
 1. bracket: the first probe at half the upper bound (the measured Offline throughput: a Server run
    cannot complete more than the system does with no latency limit), then steps up or down scaled
-   by how far the margin is from 1;
+   by how far the margin is from 1, growing geometrically while probes keep landing on one side (a
+   flat margin says little about the distance to the limit);
 2. refine: fit the reciprocal margins (limit / observed) as a monotone (isotonic, pool-adjacent-
-   violators) function of load and probe next to where the fit crosses 1, just above it after a
-   pass and just below after a failure, inside the inner 80 % of the bracket so every probe shrinks
-   it; stop at the relative precision asked for;
-3. noise: a load whose verdict its neighbours contradict (a pass above a failure, or a verdict
-   opposite to what the margins on either side predict) is probed once more; a load probed twice
-   passes by majority, a tie by its mean margin.
+   violators) function of load and probe where the fit crosses 1, kept a quarter of the bracket
+   away from either end (:data:`EDGE`) so every probe shrinks it; when an interpolated probe shrank
+   the bracket by less than half, the next one bisects; stop at the relative precision asked for;
+3. noise: a load whose verdict its neighbours contradict is probed once more, only when the
+   neighbours' prediction is surer than the probe's own margin and than the precision asked for; a
+   load probed twice passes by majority, a tie by its mean margin.
 
 LoadGen's own FindPeakPerformance mode doubles the load until a full-length run fails and then
 bisects to an absolute 0.1 QPS, with no second look at a noisy verdict; tools/bench_capacity.py
-compares the two on the simulator.
+compares the two.
 """
 
 from __future__ import annotations
