@@ -6,13 +6,19 @@ GPU handed out twice would show up as an overlap."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import multiprocessing.synchronize
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
+import pytest
+from support import sim_case
+
+from harness_fixtures.servers.base import LaunchContext
 from harness_fixtures.servers.gpus import Gpu, acquire
+from harness_fixtures.servers.launchers import SimLauncher
 
 CTX = mp.get_context("spawn")  # a fresh interpreter: nothing shared with this process but the folder
 POOL = [Gpu(i, f"GPU-fa4e0000-0000-4000-8000-{i:012d}") for i in range(8)]
@@ -83,3 +89,24 @@ def test_two_concurrent_sessions_never_hold_a_gpu_at_once(tmp_path: Path) -> Non
     assert waiting.is_set()  # one session really waited for the other
     assert most.value == 1  # never both at once, although each set needs 5 of the 8
     assert all(len(s) == 5 for s in sets)
+
+
+def test_the_engine_process_gets_exactly_its_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher puts the lease's CUDA_VISIBLE_DEVICES over the suite's own (a real simulator
+    process reports what it got), and the endpoint carries it for telemetry and metadata."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")  # what pytest itself was given
+    lease = acquire(POOL, 2, owner="engine for simcase", wait_s=1, folder=tmp_path / "locks")
+    launcher = SimLauncher()
+    ctx = LaunchContext(case=sim_case(tmp_path), run_dir=tmp_path / "engine", gpu_env=lease.env())
+    endpoint = launcher.start(ctx)
+    try:
+        answer = ctx.http_config().get(endpoint.server_url(), "/sim/env", timeout_s=10)
+        seen = json.loads(answer.text)
+    finally:
+        launcher.stop(endpoint)
+        lease.release()
+    want = f"{POOL[0].uuid},{POOL[1].uuid}"
+    assert seen["CUDA_VISIBLE_DEVICES"] == want
+    assert seen["pid"] == endpoint.pid
+    assert endpoint.gpu_env == {"CUDA_VISIBLE_DEVICES": want}
+    assert f"CUDA_VISIBLE_DEVICES={want!r}" in (tmp_path / "engine" / "engine.log").read_text()
