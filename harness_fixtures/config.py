@@ -96,6 +96,75 @@ class EngineSpec(_Strict):
         description="Which server's request fields to send; default: the kind's (external and sim: vllm). "
         "Set it for a server you run (kind external or --harness-server-url) that is not vLLM.",
     )
+    gpus: int | None = Field(
+        None,
+        gt=0,
+        description="GPUs the engine needs from --harness-gpus; default: the product of its tensor, "
+        "pipeline and data parallel sizes in args, else 1. Must equal that product when args give one.",
+    )
+
+    @model_validator(mode="after")
+    def _gpus_match_parallelism(self) -> EngineSpec:
+        sizes = parallel_sizes(self.args)
+        if self.gpus is None or not sizes:
+            return self
+        product = 1
+        for size in sizes.values():
+            product *= size
+        if product != self.gpus:
+            given = " × ".join(f"{flag} {size}" for flag, size in sizes.items())
+            raise ValueError(
+                f"engine.gpus is {self.gpus} but engine.args ask for {given} = {product} GPUs; set "
+                f"engine.gpus: {product} or change the parallel sizes so their product is {self.gpus}"
+            )
+        return self
+
+    def gpu_count(self) -> int:
+        """GPUs this engine is given under --harness-gpus (see ``gpus``)."""
+        if self.gpus is not None:
+            return self.gpus
+        product = 1
+        for size in parallel_sizes(self.args).values():
+            product *= size
+        return product
+
+
+# The flags whose product is an engine's GPU count, as vLLM (--tensor-parallel-size, -tp ...), SGLang
+# (--tp-size, --pp-size, --dp-size) and trtllm-serve (--tp_size, --pp_size) spell them.
+_PARALLEL_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("tensor-parallel-size", "tp", "tp-size"), "tensor"),
+    **dict.fromkeys(("pipeline-parallel-size", "pp", "pp-size"), "pipeline"),
+    **dict.fromkeys(("data-parallel-size", "dp", "dp-size"), "data"),
+}
+
+
+def parallel_sizes(args: dict[str, Any] | list[str]) -> dict[str, int]:
+    """The parallel sizes engine.args set, by flag as written: ``{"--tensor-parallel-size": 2}``.
+
+    :raises ValueError: a parallel size that is not a whole number >= 1.
+    """
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(args, dict):
+        pairs = [(str(k), v) for k, v in args.items()]
+    else:
+        items = [str(a) for a in args]
+        for k, item in enumerate(items):
+            name, eq, value = item.partition("=")
+            if name.startswith("-"):
+                pairs.append((name, value if eq else (items[k + 1] if k + 1 < len(items) else None)))
+    sizes: dict[str, int] = {}
+    for key, value in pairs:
+        if _PARALLEL_FLAGS.get(key.lstrip("-").replace("_", "-")) is None:
+            continue
+        flag = key if key.startswith("-") else "--" + key
+        try:
+            size = int(str(value))
+        except ValueError:
+            size = 0
+        if size < 1 or isinstance(value, bool):
+            raise ValueError(f"engine.args {flag} is {value!r}; give a whole number >= 1")
+        sizes[flag] = size
+    return sizes
 
 
 class DatasetSpec(_Strict):
@@ -343,3 +412,18 @@ def plan_runs(case: BenchmarkCase, global_mode: Mode = "performance") -> list[Pl
     ):
         runs.append(PlannedRun(case, case.accuracy.scenario, "accuracy", f"{case.name}_accuracy"))
     return runs
+
+
+def shard_of(groups: dict[str, int], count: int) -> dict[str, int]:
+    """Assign whole groups (a model's tests: one engine start) to ``count`` shards, numbered 1..count.
+
+    Largest group first onto the shard with the fewest tests so far (ties: the lower shard number),
+    groups of equal size by name: every node computes the same split from the same selection.
+    """
+    loads = [0] * count
+    shard: dict[str, int] = {}
+    for name, n in sorted(groups.items(), key=lambda kv: (-kv[1], kv[0])):
+        k = min(range(count), key=lambda i: (loads[i], i))
+        loads[k] += n
+        shard[name] = k + 1
+    return shard

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Kind = Literal["str", "path", "float", "int", "bool", "workers", "rate", "list"]
+Kind = Literal["str", "path", "float", "int", "bool", "workers", "rate", "list", "shard", "gpus"]
 
 
 class OptionError(ValueError):
@@ -175,6 +175,28 @@ OPTIONS: tuple[Option, ...] = (
         "str",
         "System id in the submission tree (systems/<id>.json); unset: from the hardware, e.g. 8xH100-SXM.",
     ),
+    Option(
+        "shard",
+        "shard",
+        "Run shard I of N (I/N, e.g. 2/4) of the selected tests: whole models per shard, balanced by "
+        "test count, the same split on every node (CI matrix jobs).",
+    ),
+    Option(
+        "gpus",
+        "gpus",
+        "GPUs the suite may give its engines: a list of NVML indices or GPU UUIDs (0,1,2,3) or 'auto' "
+        "(every GPU NVML sees). Each engine gets engine.gpus of them (one lock file per GPU, shared "
+        "by xdist workers and concurrent sessions) as its CUDA_VISIBLE_DEVICES; unset: engines see "
+        "what they see without the suite.",
+    ),
+    Option(
+        "gpu-wait-s",
+        "float",
+        "How long an engine waits for free GPUs (held by other workers or sessions) before its tests "
+        "fail (s).",
+        "600",
+        positive=True,
+    ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -228,6 +250,11 @@ class HarnessOptions(BaseModel):
     submitter: str = "unnamed"
     submission_division: Literal["closed", "open"] = "open"
     system_name: str | None = None
+    shard: tuple[int, int] | None = Field(None, description="--harness-shard I/N as (I, N), 1 <= I <= N.")
+    gpus: tuple[str, ...] | None = Field(
+        None, description="--harness-gpus: the entries as given (indices, UUIDs), or ('auto',)."
+    )
+    gpu_wait_s: float = 600.0
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -281,6 +308,10 @@ def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir:
     if opt.kind == "path":
         base = cli_dir if source == "cli" else root_dir
         return (base / os.path.expanduser(text)).resolve()
+    if opt.kind == "shard":
+        return _shard(opt, text)
+    if opt.kind == "gpus":
+        return _gpus(opt, text)
     if opt.kind == "rate" and text.lower() == "auto":
         return "auto"
     if opt.kind == "workers":
@@ -307,6 +338,42 @@ def _parse(opt: Option, value: Any, source: str | None, cli_dir: Path, root_dir:
     if opt.choices and text not in opt.choices:
         raise OptionError(f"{_where(opt)}: {value!r} is not one of {list(opt.choices)}")
     return text
+
+
+def _shard(opt: Option, text: str) -> tuple[int, int]:
+    fix = "pass I/N with whole numbers 1 <= I <= N, e.g. 1/4 for the first of four CI jobs"
+    index, slash, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise OptionError(f"{_where(opt)}: {text!r} is not I/N; {fix}") from None
+    if not slash or n < 1 or not 1 <= i <= n:
+        raise OptionError(f"{_where(opt)}: {text!r} is out of range; {fix}")
+    return i, n
+
+
+_UUID_PREFIXES = ("GPU-", "MIG-")
+
+
+def _gpus(opt: Option, text: str) -> tuple[str, ...]:
+    """Syntax only: whether each GPU exists is checked against NVML by the engine layer."""
+    fix = (
+        "pass 'auto' or a comma-separated list of NVML indices (as nvidia-smi numbers them) or GPU "
+        "UUIDs, e.g. --harness-gpus 0,1,2,3"
+    )
+    if text.lower() == "auto":
+        return ("auto",)
+    entries = [e.strip() for e in text.split(",")]
+    if not text or any(not e for e in entries):
+        raise OptionError(f"{_where(opt)}: {text!r} has an empty entry; {fix}")
+    for e in entries:
+        if not (e.isdigit() or e.upper().startswith(_UUID_PREFIXES)):
+            raise OptionError(f"{_where(opt)}: {e!r} in {text!r} is neither an index nor a GPU UUID; {fix}")
+    seen = [e.lower() for e in entries]
+    dup = next((e for k, e in enumerate(entries) if seen[k] in seen[:k]), None)
+    if dup is not None:
+        raise OptionError(f"{_where(opt)}: {dup!r} appears twice in {text!r}; name each GPU once")
+    return tuple(entries)
 
 
 def check_output_root(root: Path) -> None:

@@ -709,7 +709,7 @@ class _TestRun:
             self.endpoint.base_url,
             http.headers_for(self.endpoint.server_url()),
             metrics_paths=metrics_paths(kind),
-            gpu_env=engine_gpu_env(kind, self.case.engine.env),
+            gpu_env=engine_gpu_env(kind, {**self.case.engine.env, **self.endpoint.gpu_env}),
             http=http,
         )
         n = min(len(dataset), spec.client.sample_count or len(dataset))
@@ -998,6 +998,8 @@ class _TestRun:
                 pid=ep.pid,
                 start_s=ep.info.get("start_s"),
                 start_number=ep.info.get("start_number"),
+                gpus=ep.gpus or None,
+                cuda_visible_devices=ep.gpu_env.get("CUDA_VISIBLE_DEVICES"),
             )
         o = self.opts
         run_spec: dict[str, Any] = json.loads(self.spec.model_dump_json()) if self.spec is not None else {}

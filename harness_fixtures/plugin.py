@@ -21,7 +21,7 @@ import pytest
 
 from . import hookspecs, redaction
 from .client.httpconfig import HttpConfig, ServerUrl
-from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs
+from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs, shard_of
 from .gating import GateError, load_threshold_overrides
 from .loadgen.userconf import UserConfError, parse_user_conf
 from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root, check_writable_file
@@ -30,6 +30,7 @@ from .progress import RunProgress
 from .reporting import RESULT_PROP, STATE, HarnessState, register_reporters, session_dir, write_test_files
 from .results import BenchmarkResult
 from .servers import Endpoint, EngineError
+from .servers.gpus import GpuAllocator, GpuError, resolve_pool
 from .servers.manager import EngineManager
 from .servers.process import OWNED
 
@@ -113,8 +114,12 @@ def pytest_configure(config: pytest.Config) -> None:
             check_writable_file(options.save_baseline, "--harness-save-baseline")
         if options.output_dir_explicit and not hasattr(config, "workerinput"):
             check_output_root(options.output_dir)  # ini values: once harness tests are selected
-    except (OptionError, ConfigError, UserConfError, GateError) as exc:
+        if options.gpus is not None:
+            state.gpus = GpuAllocator(resolve_pool(options.gpus), wait_s=options.gpu_wait_s)
+    except (OptionError, ConfigError, UserConfError, GateError, GpuError) as exc:
         raise pytest.UsageError(str(exc)) from None
+    if options.shard is not None:
+        state.shard = {"index": options.shard[0], "count": options.shard[1]}
     config.stash[STATE] = state
     if hasattr(config, "workerinput"):
         sd = config.workerinput.get("harness_session_dir")
@@ -124,10 +129,79 @@ def pytest_configure(config: pytest.Config) -> None:
         register_reporters(config, state)
 
 
+def _check_gpu_needs(pool: GpuAllocator, cases: list[BenchmarkCase], server_url: str | None) -> None:
+    """The selected cases against --harness-gpus: said before any engine starts, not after a wait."""
+    for case in cases:
+        if case.engine.kind == "external" or server_url:
+            continue  # not started by the suite: no GPUs to give
+        if "CUDA_VISIBLE_DEVICES" in case.engine.env:
+            raise pytest.UsageError(
+                f"{case.source}: engine.env sets CUDA_VISIBLE_DEVICES, but --harness-gpus assigns the "
+                "engine's GPUs; remove it from engine.env (and say engine.gpus: N) or drop --harness-gpus"
+            )
+        need = case.engine.gpu_count()
+        if need > len(pool.pool):
+            raise pytest.UsageError(
+                f"{case.source}: the engine of {case.name} needs {need} GPUs (engine.gpus or its parallel "
+                f"sizes) but --harness-gpus gives {len(pool.pool)}; pass more GPUs or deselect its tests"
+            )
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist: workers write into the controller's session folder (claimed by the controller)."""
     node.workerinput["harness_session_dir"] = str(session_dir(node.config.stash[STATE]))
+
+
+def _shard_group(item: pytest.Item) -> str:
+    """What stays together in one shard: a benchmark's model (one engine start), else its file."""
+    run = _planned(item)
+    return run.case.name if run is not None else item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: the shards split what was selected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--harness-shard I/N: keep shard I's tests. Every node computes the same split (same selection,
+    same function), so N CI jobs together run each selected test exactly once. Then the selected
+    cases' GPU needs against --harness-gpus."""
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return
+    if state.suite.options.shard is not None:
+        _keep_shard(config, state, items)
+    if state.gpus is not None:
+        selected = {run.case.name: run.case for run in map(_planned, items) if run is not None}
+        _check_gpu_needs(state.gpus, list(selected.values()), state.suite.options.server_url)
+
+
+def _planned(item: pytest.Item) -> PlannedRun | None:
+    callspec = getattr(item, "callspec", None)
+    run = callspec.params.get("harness_run") if callspec is not None else None
+    return run if isinstance(run, PlannedRun) else None
+
+
+def _keep_shard(config: pytest.Config, state: HarnessState, items: list[pytest.Item]) -> None:
+    assert state.suite.options.shard is not None
+    index, count = state.suite.options.shard
+    groups: dict[str, int] = {}
+    for item in items:
+        key = _shard_group(item)
+        groups[key] = groups.get(key, 0) + 1
+    shard = shard_of(groups, count)
+    keep = [i for i in items if shard[_shard_group(i)] == index]
+    drop = [i for i in items if shard[_shard_group(i)] != index]
+    names = {c.name for c in state.cases or []}
+    models = sorted(g for g in groups if shard[g] == index and g in names)
+    selected = len(items)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+    state.shard = {"index": index, "count": count, "tests": len(keep), "of": selected, "models": models}
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None and not hasattr(config, "workerinput"):
+        tr.write_line(
+            f"shard {index}/{count}: {len(keep)} of {selected} tests (models {', '.join(models) or 'none'})"
+        )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -216,6 +290,7 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
             config=pytestconfig, kind=kind
         ),
         on_message=TerminalEvents(pytestconfig).message,
+        gpus=pytestconfig.stash[STATE].gpus,
     )
     previous = _install_sigterm()
     try:

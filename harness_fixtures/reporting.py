@@ -24,6 +24,7 @@ from .gating import baseline_entry, hardware_of, merge_repeats, save_baseline
 from .options import OptionError, check_output_root
 from .pipeline import Suite
 from .results import SCHEMA_VERSION, SessionFile, write_text, write_yaml
+from .servers.gpus import GpuAllocator
 from .servers.process import OWNED, stop_leftovers
 from .table import BY_NAME, flat_row, repeat_summary, to_csv
 
@@ -39,6 +40,9 @@ class HarnessState:
     cases: list[BenchmarkCase] | None = None
     session_dir: Path | None = None
     leftovers: list[str] = field(default_factory=list)  # processes of killed sessions, stopped
+    # --harness-shard: index and count, and once collected here: tests kept, of how many, models
+    shard: dict[str, Any] | None = None
+    gpus: GpuAllocator | None = None  # --harness-gpus: the pool every engine of this process draws from
 
 
 STATE = pytest.StashKey[HarnessState]()
@@ -173,10 +177,11 @@ class HarnessReporter:
         self.submission: list[str] = []  # lines for the terminal: where the tree is, what the check said
         self.leftovers_shown = False
 
-    @pytest.hookimpl(trylast=True)  # after -k/-m deselection
-    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
-        """Claim the session folder once harness tests are selected: an unusable output dir is then
-        a usage error before any engine starts, not an error in every test."""
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Claim the session folder once harness tests are selected (after -k/-m deselection and
+        --harness-shard): an unusable output dir is then a usage error before any engine starts, not
+        an error in every test."""
+        config, items = session.config, session.items
         if not config.option.collectonly and any(i.get_closest_marker("harness_benchmark") for i in items):
             session_dir(self.state)
             tr = config.pluginmanager.get_plugin("terminalreporter")
@@ -251,6 +256,7 @@ class HarnessReporter:
                 command_line=redaction.argv(list(self.config.invocation_params.args), secrets),
                 results=self.results,
                 repeats=repeat_summary(self.results),
+                shard=state.shard,
             )
             try:
                 write_yaml(path, doc.model_dump(mode="json"))

@@ -419,6 +419,12 @@ class EngineInfo(_Model):
     pid: int | None = None
     start_s: float | None = None
     start_number: int | None = Field(None, description="1 = the model's first engine start this session.")
+    gpus: list[dict[str, Any]] | None = Field(
+        None, description="--harness-gpus: the GPUs locked for this engine, {index, uuid, name} each."
+    )
+    cuda_visible_devices: str | None = Field(
+        None, description="--harness-gpus: the CUDA_VISIBLE_DEVICES the suite gave the engine."
+    )
 
 
 class Metadata(BaseModel):
@@ -458,6 +464,11 @@ class SessionFile(_Model):
     repeats: dict[str, dict[str, dict[str, float]]] = Field(
         default_factory=dict,
         description="--harness-repeat: {test id: {metric: {n, median, min, max, spread_pct}}}.",
+    )
+    shard: dict[str, Any] | None = Field(
+        None,
+        description="--harness-shard: {index, count} and, where this process collected the tests, "
+        "tests (kept), of (selected before sharding) and models.",
     )
 
     @classmethod

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any, Literal
 from .base import BaseCollector
 
 __all__ = [
+    "FAKE_GPUS_ENV",
     "FIELDS",
     "MIN_INTERVAL_S",
     "GpuDevice",
@@ -41,8 +43,10 @@ __all__ = [
     "Selection",
     "WatchedGpu",
     "counter_delta",
+    "fake_devices",
     "gpu_series",
     "integrate",
+    "inventory",
     "select_gpus",
 ]
 
@@ -93,6 +97,49 @@ class GpuDevice:
     pci_bus_id: str | None = None
     name: str | None = None
     mig_uuids: tuple[str, ...] = ()
+
+
+# Test hook: HARNESS_FAKE_GPUS=N makes the inventory N fake GPUs (nothing is sampled), so GPU
+# allocation and selection can be tested on machines without GPUs.
+FAKE_GPUS_ENV = "HARNESS_FAKE_GPUS"
+
+
+def fake_devices(env: Mapping[str, str] | None = None) -> list[GpuDevice] | None:
+    """The fake inventory ``HARNESS_FAKE_GPUS=N`` asks for (N GPUs with fixed fake UUIDs in PCI bus
+    order), or None when it is unset.
+
+    :raises ValueError: the variable is not a whole number >= 0.
+    """
+    text = (os.environ if env is None else env).get(FAKE_GPUS_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"{FAKE_GPUS_ENV}={text!r} is not a whole number of fake GPUs; unset it or give one")
+    return [
+        GpuDevice(i, f"GPU-fa4e0000-0000-4000-8000-{i:012d}", f"00000000:{0x10 + i:02X}:00.0", "Fake GPU")
+        for i in range(int(text))
+    ]
+
+
+def inventory() -> tuple[list[GpuDevice], str | None]:
+    """Every GPU NVML can open (or the fake ones of ``HARNESS_FAKE_GPUS``), and why there are none.
+
+    :raises ValueError: ``HARNESS_FAKE_GPUS`` is not a number.
+    """
+    fake = fake_devices()
+    if fake is not None:
+        return fake, None if fake else f"{FAKE_GPUS_ENV}=0"
+    collector = NvmlCollector()
+    reason = collector._init_nvml()
+    if reason is not None:
+        return [], reason
+    try:
+        devices, _ = collector._devices()
+    except Exception as exc:  # NVML answered the init but not the listing
+        return [], _describe(exc)
+    finally:
+        collector._shutdown()
+    return devices, None if devices else "NVML lists no GPU"
 
 
 @dataclass(frozen=True)
@@ -385,6 +432,16 @@ class NvmlCollector(BaseCollector):
         return out
 
     def _setup(self) -> str | None:
+        try:
+            fake = fake_devices()
+        except ValueError as exc:
+            return str(exc)
+        if fake is not None:
+            # The selection is made as on real GPUs (metadata says which were watched); there is
+            # nothing to sample.
+            self._selection = select_gpus(fake, self.engine_env)
+            watched = ", ".join(str(g.nvml_index) for g in self._selection.gpus) or "none"
+            return f"fake GPUs ({FAKE_GPUS_ENV}={len(fake)}): nothing to sample; selected: {watched}"
         reason = self._init_nvml()
         if reason is not None:
             return reason

@@ -44,6 +44,10 @@ class Endpoint:
     # The parsed URL with its user:password, when it had one (base_url never shows credentials).
     server: ServerUrl | None = field(default=None, repr=False)
     request_profile: RequestProfile = VLLM  # the request fields this server accepts
+    # --harness-gpus: the GPUs this engine was given ({index, uuid} each) and the environment that
+    # gave them (CUDA_VISIBLE_DEVICES); empty without the option.
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    gpu_env: dict[str, str] = field(default_factory=dict)
 
     def server_url(self) -> ServerUrl:
         return self.server or ServerUrl.parse(self.base_url)
@@ -77,6 +81,9 @@ class LaunchContext:
     api_key: str | None = field(default=None, repr=False)
     server_url: str | None = None
     http: HttpConfig | None = field(default=None, repr=False)  # the session's headers, proxies, TLS
+    # --harness-gpus: CUDA_VISIBLE_DEVICES (and CUDA_DEVICE_ORDER) of the GPUs locked for this engine;
+    # a launcher puts it over everything else in the engine's environment. Empty: no assignment.
+    gpu_env: dict[str, str] = field(default_factory=dict)
 
     def http_config(self) -> HttpConfig:
         if self.http is not None:

@@ -59,7 +59,7 @@ class ProcessLauncher:
                 argv = self.build_argv(ctx, spec.host, port)
                 log.info("starting %s engine: %s", self.kind, " ".join(redaction.argv(argv)))
                 t0 = time.monotonic()
-                proc = start_process(argv, self.build_env(ctx), log_path)
+                proc = start_process(argv, {**self.build_env(ctx), **ctx.gpu_env}, log_path)
             except ProcessStartError as exc:
                 raise EngineError(str(exc)) from None
             # The engine is ours from here: whatever happens until it is healthy (an error, an answer
@@ -79,6 +79,7 @@ class ProcessLauncher:
                     request_profile=PROFILES[spec.request_profile]
                     if spec.request_profile
                     else self.request_profile,
+                    gpu_env=dict(ctx.gpu_env),
                 )
                 ep.headers = http.headers_for(ep.server_url())
                 wait_healthy(proc, base_url, ep.served_model, log_path, spec.start_timeout_s, http)

@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import redaction
 from .base import Endpoint, EngineError, LaunchContext, Launcher
+from .gpus import GpuAllocator, GpuError, GpuLease
 from .launchers import LAUNCHERS
 
 log = logging.getLogger("harness_fixtures.servers")
@@ -26,6 +27,8 @@ class EngineManager:
     :param make_launcher: a plugin's launcher for a kind (``pytest_harness_make_launcher``), or None
         for the built-in registry.
     :param on_message: progress lines for the terminal (engine starts take minutes).
+    :param gpus: --harness-gpus: each engine started gets ``engine.gpus`` of its GPUs, locked for the
+        engine's life; None: engines see the GPUs they see without the suite.
     """
 
     server_url: str | None = None
@@ -33,7 +36,9 @@ class EngineManager:
     http: Any = field(default=None, repr=False)  # HttpConfig: headers, proxies, TLS of every request
     make_launcher: LauncherFactory = lambda kind: None
     on_message: Callable[[str], None] = log.info
+    gpus: GpuAllocator | None = None
     current: tuple[str, Endpoint, Any] | None = None
+    lease: GpuLease | None = None  # the current engine's GPUs
     failed: dict[str, str] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
 
@@ -70,13 +75,42 @@ class EngineManager:
                 )
                 raise EngineError(self.failed[case.name])
             launcher = LAUNCHERS[kind]()
+        gpu_env: dict[str, str] = {}
+        if self.gpus is not None and kind != "external":  # a server someone else runs has its own
+            count = case.engine.gpu_count()
+            try:
+                self.lease = self.gpus.acquire(f"engine for {case.name}", count, self.on_message)
+            except GpuError as exc:
+                self.failed[case.name] = str(exc)
+                raise EngineError(self.failed[case.name]) from None
+            gpu_env = self.lease.env()
+            self.on_message(
+                f"[harness] {case.name}: GPUs {', '.join(self._gpu_names())} "
+                f"(CUDA_VISIBLE_DEVICES={gpu_env['CUDA_VISIBLE_DEVICES']})"
+            )
         ctx = LaunchContext(
-            case=case, run_dir=run_dir, api_key=self.api_key, server_url=self.server_url, http=self.http
+            case=case,
+            run_dir=run_dir,
+            api_key=self.api_key,
+            server_url=self.server_url,
+            http=self.http,
+            gpu_env=gpu_env,
         )
         self.starts[case.name] = self.starts.get(case.name, 0) + 1
         self.on_message(
             f"[harness] starting {kind} engine for {case.name} (log: {run_dir / 'engine.log'}) ..."
         )
+        try:
+            endpoint = self._start(case, launcher, ctx, kind)
+        except BaseException:
+            self._release()  # the launcher stopped what it started: its GPUs are free again
+            raise
+        endpoint.gpus = self.lease.records() if self.lease is not None else []
+        endpoint.gpu_env = dict(gpu_env)
+        self.current = (case.name, endpoint, launcher)
+        return endpoint
+
+    def _start(self, case: Any, launcher: Launcher, ctx: LaunchContext, kind: str) -> Endpoint:
         try:
             endpoint = launcher.start(ctx)
         except EngineError as exc:
@@ -96,13 +130,26 @@ class EngineManager:
         )
         endpoint.info["stop_timeout_s"] = case.engine.stop_timeout_s
         endpoint.info["start_number"] = self.starts[case.name]  # 1 = first start of this model
-        self.current = (case.name, endpoint, launcher)
         return endpoint
 
+    def _gpu_names(self) -> list[str]:
+        gpus = self.lease.gpus if self.lease is not None else ()
+        return [str(g.index) if g.index is not None else str(g.uuid) for g in gpus]
+
+    def _release(self) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
+
     def stop(self) -> None:
+        """Stop the current engine, then free its GPUs (only once it is gone: it may still use them)."""
         if self.current is None:
+            self._release()
             return
         name, endpoint, launcher = self.current
         self.current = None
         log.info("stopping engine for %s", name)
-        launcher.stop(endpoint)
+        try:
+            launcher.stop(endpoint)
+        finally:
+            self._release()

@@ -4,7 +4,8 @@
 
 It speaks vLLM's OpenAI API shape (``return_token_ids``, usage chunk, ``[DONE]``), models TTFT / ITL and a
 FIFO batch of ``max_batch``, exposes vLLM's ``/metrics`` names, keeps server-side per-request truth at
-``GET /sim/requests`` (``POST /sim/reset`` clears it) and injects faults on request; see
+``GET /sim/requests`` (``POST /sim/reset`` clears it), answers the ``CUDA_VISIBLE_DEVICES`` it was
+started with at ``GET /sim/env`` (and prints it at start-up), and injects faults on request; see
 :class:`SimSettings` for every knob.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import ssl
 import sys
@@ -92,6 +93,8 @@ async def _serve(settings: SimSettings, host: str, port: int, served_model_name:
         f"{PROG}: serving {served_model_name!r} on {scheme}://{host}:{port} ({type(loop).__module__})",
         flush=True,
     )
+    # What a real engine would run on (the suite's --harness-gpus assignment); also at GET /sim/env.
+    print(f"{PROG}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)
     gc.freeze()  # startup objects never die: keep them out of the collector's generations
     await stop.wait()
     await runner.cleanup()

@@ -709,6 +709,7 @@ def _chat_prompt(body: dict[str, Any], vocab_size: int) -> list[int]:
 # -- handlers ----------------------------------------------------------------------------------------
 
 SIM_KEY = web.AppKey("sim", Simulator)
+GPU_ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 
 
 def _require_authorization(expected: str) -> Any:
@@ -762,6 +763,10 @@ def build_app(settings: SimSettings, served_model_name: str) -> web.Application:
     async def sim_requests(_: web.Request) -> web.Response:
         return web.json_response([r.as_dict() for r in sim.records])
 
+    async def sim_env(_: web.Request) -> web.Response:
+        # Which GPUs a real engine in its place would use: tests check the suite's assignment here.
+        return web.json_response({k: os.environ.get(k) for k in GPU_ENV_KEYS} | {"pid": os.getpid()})
+
     async def sim_reset(_: web.Request) -> web.Response:
         sim.records.clear()
         return web.json_response({"cleared": True})
@@ -777,6 +782,7 @@ def build_app(settings: SimSettings, served_model_name: str) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/sim/requests", sim_requests)
+    app.router.add_get("/sim/env", sim_env)
     app.router.add_post("/sim/reset", sim_reset)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
