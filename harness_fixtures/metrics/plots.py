@@ -280,14 +280,19 @@ def _pct_label(q: float) -> str:
 
 def _log_x(ax: Axes, lo: float, hi: float, max_125_decades: float) -> None:
     """Log x axis with plain-number ticks (1-10-100, or 1-2-5 steps) that fit the data's range."""
-    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, StrMethodFormatter
 
     ax.set_xscale("log")
     decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
     if decades < 0.7:
-        subs: tuple[float, ...] = tuple(float(k) for k in range(1, 10))
-    elif decades <= max_125_decades:
-        subs = (1.0, 2.0, 5.0)
+        # Under a decade, 1-9 steps crowd a narrow panel (900 and 1000 overlap): a few evenly spaced
+        # round numbers read better.
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        return
+    if decades <= max_125_decades:
+        subs: tuple[float, ...] = (1.0, 2.0, 5.0)
     else:
         subs = (1.0,)
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
@@ -564,7 +569,7 @@ def _summary_figure(results: Sequence[Mapping[str, Any]]) -> Figure:
                 ax.annotate(
                     _fmt_ms(p99), (p99, y), xytext=(5, 4), textcoords="offset points", fontsize="small"
                 )
-        ax.set_title(f"{title} p50 / p99 (LoadGen)")
+        ax.set_title(f"{title} p50 / p99\n(LoadGen)")
         if plotted:
             _log_x(ax, min(plotted), max(plotted), max_125_decades=1.3)
             ax.set_xlabel(f"{title} (ms, log scale)")
