@@ -7,10 +7,8 @@ fixtures. Results flow one way: test → ``user_properties`` → controller's re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,16 +19,25 @@ import pytest
 
 from . import hookspecs, redaction
 from .client.httpconfig import HttpConfig, ServerUrl
-from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs, shard_of
+from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs
 from .gating import GateError, load_threshold_overrides
 from .loadgen.userconf import UserConfError, parse_user_conf
 from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root, check_writable_file
-from .pipeline import Events, Outcome, ProgressTick, RunInterrupted, Suite, run_test
-from .progress import RunProgress
-from .reporting import RESULT_PROP, STATE, HarnessState, register_reporters, session_dir, write_test_files
+from .pipeline import Outcome, RunInterrupted, Suite, run_test
+from .reporting import (
+    RESULT_PROP,
+    STATE,
+    HarnessState,
+    TerminalEvents,
+    keep_shard,
+    planned_run,
+    register_reporters,
+    session_dir,
+    write_test_files,
+)
 from .results import BenchmarkResult
 from .servers import Endpoint, EngineError
-from .servers.gpus import GpuAllocator, GpuError, resolve_pool
+from .servers.gpus import GpuAllocator, GpuError, check_gpu_needs, resolve_pool
 from .servers.manager import EngineManager
 from .servers.process import OWNED
 
@@ -129,34 +136,10 @@ def pytest_configure(config: pytest.Config) -> None:
         register_reporters(config, state)
 
 
-def _check_gpu_needs(pool: GpuAllocator, cases: list[BenchmarkCase], server_url: str | None) -> None:
-    """The selected cases against --harness-gpus: said before any engine starts, not after a wait."""
-    for case in cases:
-        if case.engine.kind == "external" or server_url:
-            continue  # not started by the suite: no GPUs to give
-        if "CUDA_VISIBLE_DEVICES" in case.engine.env:
-            raise pytest.UsageError(
-                f"{case.source}: engine.env sets CUDA_VISIBLE_DEVICES, but --harness-gpus assigns the "
-                "engine's GPUs; remove it from engine.env (and say engine.gpus: N) or drop --harness-gpus"
-            )
-        need = case.engine.gpu_count()
-        if need > len(pool.pool):
-            raise pytest.UsageError(
-                f"{case.source}: the engine of {case.name} needs {need} GPUs (engine.gpus or its parallel "
-                f"sizes) but --harness-gpus gives {len(pool.pool)}; pass more GPUs or deselect its tests"
-            )
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist: workers write into the controller's session folder (claimed by the controller)."""
     node.workerinput["harness_session_dir"] = str(session_dir(node.config.stash[STATE]))
-
-
-def _shard_group(item: pytest.Item) -> str:
-    """What stays together in one shard: a benchmark's model (one engine start), else its file."""
-    run = _planned(item)
-    return run.case.name if run is not None else item.nodeid.split("::")[0]
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: the shards split what was selected
@@ -168,40 +151,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if state is None:
         return
     if state.suite.options.shard is not None:
-        _keep_shard(config, state, items)
+        keep_shard(config, state, items)
     if state.gpus is not None:
-        selected = {run.case.name: run.case for run in map(_planned, items) if run is not None}
-        _check_gpu_needs(state.gpus, list(selected.values()), state.suite.options.server_url)
-
-
-def _planned(item: pytest.Item) -> PlannedRun | None:
-    callspec = getattr(item, "callspec", None)
-    run = callspec.params.get("harness_run") if callspec is not None else None
-    return run if isinstance(run, PlannedRun) else None
-
-
-def _keep_shard(config: pytest.Config, state: HarnessState, items: list[pytest.Item]) -> None:
-    assert state.suite.options.shard is not None
-    index, count = state.suite.options.shard
-    groups: dict[str, int] = {}
-    for item in items:
-        key = _shard_group(item)
-        groups[key] = groups.get(key, 0) + 1
-    shard = shard_of(groups, count)
-    keep = [i for i in items if shard[_shard_group(i)] == index]
-    drop = [i for i in items if shard[_shard_group(i)] != index]
-    names = {c.name for c in state.cases or []}
-    models = sorted(g for g in groups if shard[g] == index and g in names)
-    selected = len(items)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-    items[:] = keep
-    state.shard = {"index": index, "count": count, "tests": len(keep), "of": selected, "models": models}
-    tr = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None and not hasattr(config, "workerinput"):
-        tr.write_line(
-            f"shard {index}/{count}: {len(keep)} of {selected} tests (models {', '.join(models) or 'none'})"
-        )
+        selected = {run.case.name: run.case for run in map(planned_run, items) if run is not None}
+        try:
+            check_gpu_needs(state.gpus, list(selected.values()), state.suite.options.server_url)
+        except GpuError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -230,55 +186,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-class TerminalEvents(Events):
-    """Progress on the terminal while pytest captures output; the metadata hook."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-
-    def _suspended(self) -> contextlib.AbstractContextManager[Any]:
-        capman = self.config.pluginmanager.get_plugin("capturemanager")
-        return capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
-
-    def message(self, text: str) -> None:
-        text = redaction.text(text)
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if tr is None or hasattr(self.config, "workerinput"):
-            super().message(text)
-            return
-        with self._suspended():
-            tr.write_line(text)
-
-    @contextlib.contextmanager
-    def live(self, test_id: str, requests_path: Path, expected: int | None) -> Iterator[ProgressTick | None]:
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        # Only on a terminal: never in CI logs, never from xdist workers.
-        if tr is None or not getattr(tr, "isatty", False) or hasattr(self.config, "workerinput"):
-            yield None
-            return
-        import os
-
-        if os.environ.get("CI"):
-            yield None
-            return
-        progress = RunProgress(test_id, requests_path, expected, sys.stdout)
-
-        def tick(elapsed_s: float) -> None:
-            progress.stream = sys.stdout  # capture swaps sys.stdout; write to whatever is live now
-            progress.tick(elapsed_s)
-
-        with self._suspended():
-            tr.write_line("")
-            try:
-                yield tick
-            finally:
-                progress.stream = sys.stdout
-                progress.close()
-
-    def update_metadata(self, case: BenchmarkCase, metadata: dict[str, Any]) -> None:
-        self.config.hook.pytest_harness_update_metadata(config=self.config, case=case, metadata=metadata)
-
-
 @pytest.fixture(scope="session")
 def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
     options = pytestconfig.stash[STATE].suite.options

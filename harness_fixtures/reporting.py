@@ -11,7 +11,9 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,11 @@ from typing import Any
 import pytest
 
 from . import redaction
-from .config import BenchmarkCase
+from .config import BenchmarkCase, PlannedRun, shard_of
 from .gating import baseline_entry, hardware_of, merge_repeats, save_baseline
 from .options import OptionError, check_output_root
-from .pipeline import Suite
+from .pipeline import Events, ProgressTick, Suite
+from .progress import RunProgress
 from .results import SCHEMA_VERSION, SessionFile, write_text, write_yaml
 from .servers.gpus import GpuAllocator
 from .servers.process import OWNED, stop_leftovers
@@ -340,3 +343,92 @@ class HarnessReporter:
             tr.write_line(f"session results: {session / 'session.yaml'}")
             if (session / "summary.png").is_file():
                 tr.write_line(f"session summary figure: {session / 'summary.png'}")
+
+
+# -- selection: --harness-shard -----------------------------------------------------------------
+def shard_group(item: pytest.Item) -> str:
+    """What stays together in one shard: a benchmark's model (one engine start), else its file."""
+    run = planned_run(item)
+    return run.case.name if run is not None else item.nodeid.split("::")[0]
+
+
+def planned_run(item: pytest.Item) -> PlannedRun | None:
+    """The benchmark run a collected item is, or None for any other test."""
+    callspec = getattr(item, "callspec", None)
+    run = callspec.params.get("harness_run") if callspec is not None else None
+    return run if isinstance(run, PlannedRun) else None
+
+
+def keep_shard(config: pytest.Config, state: HarnessState, items: list[pytest.Item]) -> None:
+    """--harness-shard I/N: keep shard I's share of the selected items (whole models), say so."""
+    assert state.suite.options.shard is not None
+    index, count = state.suite.options.shard
+    groups: dict[str, int] = {}
+    for item in items:
+        key = shard_group(item)
+        groups[key] = groups.get(key, 0) + 1
+    shard = shard_of(groups, count)
+    keep = [i for i in items if shard[shard_group(i)] == index]
+    drop = [i for i in items if shard[shard_group(i)] != index]
+    names = {c.name for c in state.cases or []}
+    models = sorted(g for g in groups if shard[g] == index and g in names)
+    selected = len(items)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+    state.shard = {"index": index, "count": count, "tests": len(keep), "of": selected, "models": models}
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None and not hasattr(config, "workerinput"):
+        tr.write_line(
+            f"shard {index}/{count}: {len(keep)} of {selected} tests (models {', '.join(models) or 'none'})"
+        )
+
+
+# -- the pipeline's events on the terminal -------------------------------------------------------
+class TerminalEvents(Events):
+    """Progress on the terminal while pytest captures output; the metadata hook."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def _suspended(self) -> contextlib.AbstractContextManager[Any]:
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        return capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+
+    def message(self, text: str) -> None:
+        text = redaction.text(text)
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is None or hasattr(self.config, "workerinput"):
+            super().message(text)
+            return
+        with self._suspended():
+            tr.write_line(text)
+
+    @contextlib.contextmanager
+    def live(self, test_id: str, requests_path: Path, expected: int | None) -> Iterator[ProgressTick | None]:
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        # Only on a terminal: never in CI logs, never from xdist workers.
+        if tr is None or not getattr(tr, "isatty", False) or hasattr(self.config, "workerinput"):
+            yield None
+            return
+        import os
+
+        if os.environ.get("CI"):
+            yield None
+            return
+        progress = RunProgress(test_id, requests_path, expected, sys.stdout)
+
+        def tick(elapsed_s: float) -> None:
+            progress.stream = sys.stdout  # capture swaps sys.stdout; write to whatever is live now
+            progress.tick(elapsed_s)
+
+        with self._suspended():
+            tr.write_line("")
+            try:
+                yield tick
+            finally:
+                progress.stream = sys.stdout
+                progress.close()
+
+    def update_metadata(self, case: BenchmarkCase, metadata: dict[str, Any]) -> None:
+        self.config.hook.pytest_harness_update_metadata(config=self.config, case=case, metadata=metadata)

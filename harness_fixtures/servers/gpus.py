@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..config import BenchmarkCase
 from ..metrics.nvml import FAKE_GPUS_ENV, GpuDevice, inventory
 
 log = logging.getLogger("harness_fixtures.servers")
@@ -286,3 +287,24 @@ class GpuAllocator:
 
     def acquire(self, owner: str, count: int, on_wait: Callable[[str], None] = log.info) -> GpuLease:
         return acquire(self.pool, count, owner=owner, wait_s=self.wait_s, on_wait=on_wait, folder=self.folder)
+
+
+def check_gpu_needs(pool: GpuAllocator, cases: list[BenchmarkCase], server_url: str | None) -> None:
+    """The selected cases against --harness-gpus: said before any engine starts, not after a wait.
+
+    :raises GpuError: a case sets its own CUDA_VISIBLE_DEVICES, or needs more GPUs than the pool has.
+    """
+    for case in cases:
+        if case.engine.kind == "external" or server_url:
+            continue  # not started by the suite: no GPUs to give
+        if "CUDA_VISIBLE_DEVICES" in case.engine.env:
+            raise GpuError(
+                f"{case.source}: engine.env sets CUDA_VISIBLE_DEVICES, but --harness-gpus assigns the "
+                "engine's GPUs; remove it from engine.env (and say engine.gpus: N) or drop --harness-gpus"
+            )
+        need = case.engine.gpu_count()
+        if need > len(pool.pool):
+            raise GpuError(
+                f"{case.source}: the engine of {case.name} needs {need} GPUs (engine.gpus or its parallel "
+                f"sizes) but --harness-gpus gives {len(pool.pool)}; pass more GPUs or deselect its tests"
+            )
