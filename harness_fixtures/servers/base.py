@@ -77,6 +77,9 @@ class LaunchContext:
     api_key: str | None = field(default=None, repr=False)
     server_url: str | None = None
     http: HttpConfig | None = field(default=None, repr=False)  # the session's headers, proxies, TLS
+    # Which of the case's engines this is (engine.replicas, or the n-th URL): 0 for the first. A
+    # launcher that gives each replica its own GPUs or port range keys them on it.
+    replica: int = 0
 
     def http_config(self) -> HttpConfig:
         if self.http is not None:
