@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import threading
@@ -214,3 +215,24 @@ def test_round_robin_takes_turns(start_replicas: StartReplicas, tmp_path: Path) 
     # Server issues one query at a time: each goes to the other endpoint than the one before it.
     ends = [r["endpoint"] for r in rows]
     assert all(a != b for a, b in itertools.pairwise(ends)), ends[:20]
+
+
+def test_fanout_workers_each_endpoint_gets_its_share(start_replicas: StartReplicas, tmp_path: Path) -> None:
+    """With worker processes, each endpoint gets its own; the runner's dispatch still picks the
+    endpoint, so least-outstanding sees every query in flight."""
+    endpoints, case = start_replicas(2)
+    (planned,) = [r for r in plan_runs(case, "performance") if r.scenario == "Offline"]
+    conf = tmp_path / "user.conf"
+    conf.write_text(USER_CONF)
+    suite = Suite(
+        HarnessOptions(
+            user_conf=conf, request_timeout_s=30, test_timeout_s=120, client_workers=4, min_query_count=16
+        )
+    )
+    result = run_test(planned, lambda: endpoints, suite, tmp_path / "fan").result
+    assert result.status == "VALID", result.reason
+    assert result.client.workers == 4
+    assert [e.queries for e in result.endpoints] == [8, 8]
+    client = json.loads((tmp_path / "fan" / "client.json").read_text())
+    assert client["workers_per_endpoint"] == 2
+    assert [e["dispatched"] for e in client["endpoints"]] == [8, 8]
