@@ -780,6 +780,7 @@ class _TestRun:
             metrics_paths=metrics_paths(kind),
             gpu_env=engine_gpu_env(kind, self.case.engine.env),
             http=http,
+            more_engines=[(ep.base_url, http.headers_for(ep.server_url())) for ep in self.endpoints[1:]],
         )
         n = min(len(dataset), spec.client.sample_count or len(dataset))
         expected = (

@@ -20,6 +20,7 @@ from support import sim_case
 
 from harness_fixtures.client.requestlog import read_requests
 from harness_fixtures.config import BenchmarkCase, plan_runs
+from harness_fixtures.metrics.timeline import read_timeline
 from harness_fixtures.options import HarnessOptions
 from harness_fixtures.pipeline import Events, Outcome, ProgressTick, Suite, run_test
 from harness_fixtures.results import BenchmarkResult
@@ -128,6 +129,11 @@ def test_four_replicas_scale_as_one_sut_and_share_evenly(
         # each replica's own /metrics counted what it generated in the run
         assert e.engine_window is not None
     assert sum(e.output_tokens for e in four.endpoints) == four.queries.output_tokens
+    # Each replica's /metrics in the timeline: the first as "engine", the others as engine1..3.
+    timeline = read_timeline(tmp_path / "four" / "timeline.csv")
+    sources = {s.source for s in timeline.samples if "generation_tokens" in s.series}
+    assert sources >= {"engine", "engine1", "engine2", "engine3"}, sources
+    assert four.telemetry.collectors.get("engine3") == "ok", four.telemetry.collectors
 
 
 def test_metadata_lists_endpoints_and_describes_the_sut(
