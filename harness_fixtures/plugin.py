@@ -238,6 +238,13 @@ def check_endpoints(cases: list[BenchmarkCase], options: HarnessOptions) -> None
         problem = url_problem(url)
         if problem:
             raise OptionError(f"--harness-server-url {url!r} {problem}")
+    for group in [list(urls)] + [[] if urls else c.engine.endpoint_urls() for c in cases]:
+        # user:password of a URL reaches the LoadGen child by one environment variable: one for all.
+        if len({ServerUrl.parse(u, "server URL").basic_auth() for u in group}) > 1:
+            raise OptionError(
+                "the server URLs carry different user:password credentials; one run sends one set to "
+                "every endpoint: give them the same, or use --harness-api-key-env / --harness-header"
+            )
     for case in cases:
         if urls and case.engine.replicas > 1:
             raise OptionError(

@@ -197,6 +197,14 @@ def test_repeated_server_url_and_dispatch_options() -> None:
     assert {o.name for o in OPTIONS} >= {"server-url", "dispatch"}
 
 
+def test_different_credentials_in_the_urls_is_an_error(tmp_path: Path) -> None:
+    urls = ("http://bob:pw1@a:1", "http://bob:pw2@b:2")
+    with pytest.raises(OptionError, match="different user:password credentials") as err:
+        check_endpoints([_case(tmp_path)], HarnessOptions(server_urls=urls))
+    assert "pw1" not in str(err.value) and "pw2" not in str(err.value)  # never the secret
+    check_endpoints([_case(tmp_path)], HarnessOptions(server_urls=("http://bob:pw@a:1", "http://bob:pw@b:2")))
+
+
 def _case(tmp_path: Path, **engine: Any) -> BenchmarkCase:
     return BenchmarkCase.model_validate(
         {
