@@ -267,8 +267,13 @@ def run(spec: RunSpec) -> int:
         # core, sampled each second; with workers, theirs too, and the busiest process's fraction.
         **cpu_stats,
     }
-    if isinstance(client, FanoutClient):
-        stats = client.worker_stats()
+    fanouts = [client] if isinstance(client, FanoutClient) else []
+    if isinstance(client, MultiEndpointClient):
+        fanouts = [c for c in client.clients if isinstance(c, FanoutClient)]
+        # every endpoint's worker processes, so the client-bound check sees them all
+        summary["workers"] = sum(c.n_workers for c in fanouts) or workers
+    if fanouts:
+        stats = [s for f in fanouts for s in f.worker_stats()]
         summary["worker_processes"] = stats
         summary["cpu_pct_total"] = round(cpu_stats["cpu_pct"] + sum(w.get("cpu_pct", 0) for w in stats), 1)
         fractions = [cpu_stats["cpu_bound_fraction"], *(w.get("cpu_bound_fraction") for w in stats)]

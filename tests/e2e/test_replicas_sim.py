@@ -238,7 +238,9 @@ def test_fanout_workers_each_endpoint_gets_its_share(start_replicas: StartReplic
     result = run_test(planned, lambda: endpoints, suite, tmp_path / "fan").result
     assert result.status == "VALID", result.reason
     assert result.client.workers == 4
+    assert result.client.cpu_pct is not None  # the workers' CPU counted with the runner's
     assert [e.queries for e in result.endpoints] == [8, 8]
     client = json.loads((tmp_path / "fan" / "client.json").read_text())
     assert client["workers_per_endpoint"] == 2
+    assert len(client["worker_processes"]) == 4 and all(w["requests"] > 0 for w in client["worker_processes"])
     assert [e["dispatched"] for e in client["endpoints"]] == [8, 8]
