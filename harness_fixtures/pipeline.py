@@ -1100,7 +1100,7 @@ class _TestRun:
             endpoints=[redaction.scrub_url(e.base_url) for e in self.endpoints]
             if len(self.endpoints) > 1
             else None,
-            sut=_sut(self.endpoints, o.dispatch),
+            sut=describe_sut(self.endpoints, o.dispatch),
             run_spec=run_spec,
             command_line=redaction.argv(self.suite.command_line, secrets),
             cwd=str(self.suite.cwd),
@@ -1215,7 +1215,7 @@ class _AnyAlive(Endpoint):
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def _sut(endpoints: list[Endpoint], dispatch: str) -> str | None:
+def describe_sut(endpoints: list[Endpoint], dispatch: str) -> str | None:
     """What the system under test is, for metadata.yaml: several endpoints, or servers elsewhere
     (MLPerf's Network division names such a system a Network SUT)."""
     if not endpoints:

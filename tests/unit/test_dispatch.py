@@ -314,3 +314,45 @@ def test_vllm_across_nodes_with_ray_passes_the_flags_through(tmp_path: Path) -> 
     assert argv[argv.index("--tensor-parallel-size") + 1] == "8"
     assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
+
+
+# -- what the SUT is (metadata.yaml sut:, the submission's system description) ---------------------
+def test_sut_names_a_network_sut_with_its_hosts_and_replicas_on_this_host() -> None:
+    from harness_fixtures.pipeline import describe_sut
+
+    remote = [Endpoint("external", f"https://llama-{x}.example:8443/v1", "m") for x in "ab"]
+    assert describe_sut(remote, "least-outstanding") == (
+        "Network SUT: 2 endpoint(s) on llama-a.example:8443, llama-b.example:8443 "
+        "(one LoadGen, dispatch least-outstanding)"
+    )
+    assert describe_sut(remote[:1], "round-robin") == "Network SUT: 1 endpoint(s) on llama-a.example:8443"
+    ours = [Endpoint("vllm", f"http://127.0.0.1:{p}", "m") for p in (8000, 8001)]
+    assert describe_sut(ours, "round-robin") == (
+        "2 vllm replicas started by the suite on this host (127.0.0.1:8000, 127.0.0.1:8001), one SUT "
+        "(one LoadGen, dispatch round-robin)"
+    )
+    assert describe_sut(ours[:1], "round-robin") is None  # one engine of ours: nothing to say
+
+
+def test_a_network_sut_is_a_network_system_in_the_submission(tmp_path: Path) -> None:
+    from harness_fixtures.exporters.submission import TestRun, system_json
+    from harness_fixtures.results import BenchmarkResult, Metadata
+
+    def run(sut: str | None) -> TestRun:
+        md = Metadata(
+            test_id="t", case={}, scenario="Server", mode="performance", started_utc="", finished_utc=""
+        )
+        md = md.model_copy(update={"sut": sut})
+        result = BenchmarkResult(
+            test_id="t",
+            model="m",
+            scenario="Server",
+            mode="performance",
+            loadgen_model="llama3_1-8b",
+            status="VALID",
+        )
+        return TestRun(tmp_path, result, md)
+
+    net = system_json([run("Network SUT: 2 endpoint(s) on a:1, b:2")], "sys", "open", "acme")
+    assert net["is_network"] == "true" and "Network SUT: 2 endpoint(s) on a:1, b:2" in net["sw_notes"]
+    assert system_json([run(None)], "sys", "open", "acme")["is_network"] == "false"
