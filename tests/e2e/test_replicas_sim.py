@@ -192,6 +192,10 @@ def test_a_replica_killed_mid_run_fails_its_queries_and_the_others_carry_on(
     result: BenchmarkResult = run(case, "Server", endpoints, tmp_path / "kill", events).result
 
     assert events.killed_at_s is not None, "the replica was never busy enough to be killed mid-run"
+    print(
+        f"killed at {events.killed_at_s:.2f} s: "
+        + ", ".join(f"{e.index}: {e.queries} q / {e.failures} failed" for e in result.endpoints)
+    )
     assert not endpoints[victim].alive()
     # The run completed: LoadGen judged it (no ERROR, no TIMEOUT), with the dead replica's queries failed.
     assert result.status in ("VALID", "INVALID"), result.reason
