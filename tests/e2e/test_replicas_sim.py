@@ -187,7 +187,7 @@ def test_a_replica_killed_mid_run_fails_its_queries_and_the_others_carry_on(
     start_replicas: StartReplicas, tmp_path: Path
 ) -> None:
     endpoints, case = start_replicas(4)
-    victim = 2
+    victim = 1  # least-outstanding gives it work whenever endpoint 0 is busy: it has queries in flight
     events = _KillWhenBusy(endpoints[victim], after=12)
     result: BenchmarkResult = run(case, "Server", endpoints, tmp_path / "kill", events).result
 
@@ -213,7 +213,7 @@ def test_a_replica_killed_mid_run_fails_its_queries_and_the_others_carry_on(
     assert failed and all(r["endpoint"] == victim and r["n_tokens"] == 0 for r in failed)
     # The others carried on: queries issued after the kill completed on them.
     later = [r for r in rows if r["issued_s"] > events.killed_at_s and r["status"] == "ok"]
-    assert later and {r["endpoint"] for r in later} <= {0, 1, 3}
+    assert later and {r["endpoint"] for r in later} <= {0, 1, 2, 3} - {victim}
     assert len(later) >= 10, len(later)
 
 
