@@ -83,6 +83,16 @@ class EngineSpec(_Strict):
     )
     host: str = Field("127.0.0.1", description="Interface the engine binds; loopback unless you need more.")
     url: str | None = Field(None, description="For kind=external: base URL of a running server.")
+    urls: list[str] = Field(
+        default_factory=list,
+        description="For kind=external: base URLs of several running servers of the model, one SUT; "
+        "each query goes to one of them (--harness-dispatch).",
+    )
+    replicas: int = Field(
+        1,
+        description="Engines of this case the suite starts, each on its own port; one LoadGen sends to "
+        "all of them as one SUT.",
+    )
     start_timeout_s: float = Field(900.0, gt=0, description="Deadline for the engine to become healthy.")
     stop_timeout_s: float = Field(20.0, gt=0, description="Grace after SIGTERM before SIGKILL.")
     prefix_caching: bool = Field(
@@ -128,6 +138,30 @@ class EngineSpec(_Strict):
             product *= size
         return product
 
+    @model_validator(mode="after")
+    def _replicas_and_urls(self) -> EngineSpec:
+        if self.replicas < 1:
+            raise ValueError(
+                f"engine.replicas must be a whole number >= 1 (got {self.replicas!r}); use 1 for one engine"
+            )
+        if self.replicas > 1 and (self.kind == "external" or self.url or self.urls):
+            raise ValueError(
+                f"engine.replicas: {self.replicas} starts engines of this case, but the case names servers "
+                "it does not start (kind external, url or urls); drop replicas, or list every running "
+                "server in engine.urls"
+            )
+        if self.url and self.urls:
+            raise ValueError("engine.url and engine.urls are both set; put every server in engine.urls")
+        for u in self.urls:
+            problem = url_problem(u)
+            if problem:
+                raise ValueError(f"engine.urls entry {u!r} {problem}")
+        return self
+
+    def endpoint_urls(self) -> list[str]:
+        """The running servers this case names (engine.urls, else engine.url), or []."""
+        return list(self.urls) or ([self.url] if self.url else [])
+
 
 # The flags whose product is an engine's GPU count, as vLLM (--tensor-parallel-size, -tp ...), SGLang
 # (--tp-size, --pp-size, --dp-size) and trtllm-serve (--tp_size, --pp_size) spell them.
@@ -165,6 +199,21 @@ def parallel_sizes(args: dict[str, Any] | list[str]) -> dict[str, int]:
             raise ValueError(f"engine.args {flag} is {value!r}; give a whole number >= 1")
         sizes[flag] = size
     return sizes
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a server's base URL (the first check, before any engine starts; the
+    client's own parser checks the rest), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url.strip())
+        u.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError as exc:
+        return f"is not a valid URL ({exc}); fix the host or port"
+    if u.scheme.lower() not in ("http", "https") or not u.hostname:
+        return "must look like http://host[:port][/path] or https://host[:port][/path]"
+    return None
 
 
 class DatasetSpec(_Strict):

@@ -44,7 +44,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("models-dir", "path", "Folder of model YAML files.", "benchmarks/models"),
     Option("user-conf", "path", "LoadGen user.conf.", "benchmarks/user.conf"),
     Option("output-dir", "path", "Where each session writes a new folder of results.", "harness_output"),
-    Option("server-url", "str", "Benchmark a running OpenAI-compatible server instead of starting one."),
+    Option(
+        "server-url",
+        "list",
+        "Benchmark a running OpenAI-compatible server instead of starting one; repeat it for several "
+        "servers of the model, benchmarked as one SUT (ini: one per line).",
+    ),
+    Option(
+        "dispatch",
+        "str",
+        "With several endpoints: how each query picks one (least-outstanding: fewest in flight).",
+        "least-outstanding",
+        choices=("least-outstanding", "round-robin"),
+    ),
     Option(
         "api-key-env",
         "str",
@@ -215,7 +227,9 @@ class HarnessOptions(BaseModel):
     user_conf_explicit: bool = False
     output_dir: Path = Path("harness_output")
     output_dir_explicit: bool = False
-    server_url: str | None = None
+    server_url: str | None = Field(None, description="The first --harness-server-url.")
+    server_urls: tuple[str, ...] = Field((), description="Every --harness-server-url, in order.")
+    dispatch: Literal["least-outstanding", "round-robin"] = "least-outstanding"
     api_key_env: str | None = None
     headers: tuple[str, ...] = Field((), description="--harness-header values, NAME=VALUE each.")
     ca_bundle: Path | None = None
@@ -256,6 +270,10 @@ class HarnessOptions(BaseModel):
     )
     gpu_wait_s: float = 600.0
 
+    def endpoint_urls(self) -> tuple[str, ...]:
+        """Every --harness-server-url (an object built in code may set only ``server_url``)."""
+        return self.server_urls or ((self.server_url,) if self.server_url else ())
+
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
@@ -277,6 +295,9 @@ class HarnessOptions(BaseModel):
             values[field] = parsed
             if opt.kind == "path":
                 values[f"{field}_explicit"] = source == "cli"
+        urls = values.pop("server_urls", ())
+        if urls:
+            values["server_urls"], values["server_url"] = urls, urls[0]
         if values.get("repeat", 1) % 2 == 0:
             raise OptionError(
                 f"{_where(BY_NAME['repeat'])}: {values['repeat']!r} is even; pass an odd count (1, 3, 5 ...) "
@@ -291,6 +312,7 @@ _FIELD = {
     "max-regression": "max_regression_pct",
     "capacity-precision": "capacity_precision_pct",
     "header": "headers",
+    "server-url": "server_urls",
 }
 
 

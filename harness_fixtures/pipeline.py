@@ -27,7 +27,7 @@ from . import redaction
 from .accuracy.run import AccuracyRunError, score_run
 from .client.httpconfig import HttpConfig
 from .client.payload import PROFILES, PayloadError, RequestProfile, token_source
-from .client.requestlog import client_stats, read_requests, request_metrics
+from .client.requestlog import client_stats, endpoint_stats, read_requests, request_metrics
 from .config import BenchmarkCase, ConfigError, PlannedRun
 from .dataset import Dataset, DatasetError, DatasetMissing, load_dataset, vocab_size
 from .diagnosis import diagnose
@@ -91,6 +91,7 @@ from .results import (
     ComplianceResult,
     Consistency,
     ConstraintCheck,
+    EndpointStats,
     EngineInfo,
     EngineWindow,
     LatencyLimits,
@@ -105,6 +106,7 @@ from .results import (
 )
 from .servers.base import Endpoint, EngineError
 from .servers.launchers import engine_gpu_env, metrics_paths
+from .servers.process import LOG_TAIL_LINES
 
 log = logging.getLogger("harness_fixtures")
 CAPACITY_STORE = "capacity.yaml"  # in the output dir: the capacity last found per model, engine, hardware
@@ -157,7 +159,11 @@ class Suite:
     def __post_init__(self) -> None:
         o = self.options
         redaction.add_secrets(
-            [o.api_key(), redaction.url_password(o.server_url), redaction.url_password(o.mlflow_uri)]
+            [
+                o.api_key(),
+                *(redaction.url_password(u) for u in o.endpoint_urls()),
+                redaction.url_password(o.mlflow_uri),
+            ]
         )
 
     def secrets(self) -> list[str]:
@@ -215,7 +221,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 def run_test(
     planned: PlannedRun,
-    get_endpoint: Callable[[], Endpoint],
+    get_endpoint: Callable[[], Endpoint | list[Endpoint]],
     suite: Suite,
     test_dir: Path,
     events: Events | None = None,
@@ -223,7 +229,8 @@ def run_test(
 ) -> Outcome:
     """Run one benchmark test into ``test_dir``; the engine is asked for only once the inputs are good.
 
-    :param get_endpoint: the engine for the case (started on demand); raises EngineError.
+    :param get_endpoint: the engine for the case, or every endpoint of it (replicas, several URLs: one
+        LoadGen sends to all, each query to one), started on demand; raises EngineError.
     :raises RunInterrupted: on Ctrl-C / SIGTERM, after LoadGen was stopped; carries the outcome.
     """
     test_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +263,8 @@ class _TestRun:
         self.events = events
         self.nodeid = nodeid
         self.started = time.time()
-        self.endpoint: Endpoint | None = None
+        self.endpoint: Endpoint | None = None  # the first endpoint (telemetry, engine window, metadata)
+        self.endpoints: list[Endpoint] = []  # every endpoint of the run
         self.spec: RunSpec | None = None
         self._capacity: CapacityResult | None = None
         self._checks: list[ConstraintCheck] = []  # the last run's latency limits and observations
@@ -265,7 +273,7 @@ class _TestRun:
         self.child_env: dict[str, str] = {}  # credentials for the LoadGen child (never in run_spec.json)
 
     # -- the steps -------------------------------------------------------------------------------
-    def execute(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
+    def execute(self, get_endpoint: Callable[[], Endpoint | list[Endpoint]]) -> Outcome:
         """The steps, with a result whatever happens: an unexpected error is an ERROR result."""
         try:
             return self._steps(get_endpoint)
@@ -282,7 +290,7 @@ class _TestRun:
                 f"harness error: {type(exc).__name__}: {exc} (traceback in {self.test_dir / 'harness.log'})"
             )
 
-    def _steps(self, get_endpoint: Callable[[], Endpoint]) -> Outcome:
+    def _steps(self, get_endpoint: Callable[[], Endpoint | list[Endpoint]]) -> Outcome:
         try:
             user_conf, entries = self.suite.user_conf(self.case)
         except UserConfError as exc:
@@ -308,7 +316,11 @@ class _TestRun:
         # The copy LoadGen reads: the test folder says exactly which settings the run had.
         user_conf = Path(shutil.copyfile(user_conf, self.test_dir / "user.conf"))
         try:
-            self.endpoint = get_endpoint()
+            got = get_endpoint()
+            self.endpoints = list(got) if isinstance(got, list) else [got]
+            if not self.endpoints:
+                raise EngineError("no endpoint to benchmark")
+            self.endpoint = self.endpoints[0]
         except EngineError as exc:
             return self._error(str(exc))
         except KeyboardInterrupt:
@@ -319,7 +331,7 @@ class _TestRun:
                     status="INTERRUPTED",
                 )
             ) from None
-        problem = self._token_count_problem(self.endpoint.request_profile)
+        problem = self._token_count_problem(self.endpoint.request_profile) or self._endpoints_problem()
         if problem:
             return self._error(problem)
         log.info("running %s against %s (%s)", self.p.test_id, self.endpoint.base_url, self.endpoint.kind)
@@ -400,13 +412,14 @@ class _TestRun:
         compliance TEST06 (``TEST06/``) and the scenario's accuracy run (``accuracy/``)."""
         assert self.spec is not None and self.endpoint is not None
         base, ep, gen = self.spec, self.endpoint, self.case.generation
+        watched = self._watched()
         t06 = self.test_dir / "TEST06"
         write_audit_config(t06)  # LoadGen finds it in its working directory, the run's folder
         self.events.message(f"[harness] {self.p.test_id}: compliance TEST06 run ({t06}) ...")
         spec06 = base.model_copy(
             update={"out_dir": str(t06.resolve()), "t0_monotonic_ns": time.monotonic_ns()}
         )
-        run06 = self._measure(spec06, run_child(spec06, ep))
+        run06 = self._measure(spec06, run_child(spec06, watched, env=self.child_env))
         answers = logged_answers(t06)
         answer_first = None
         if self.p.loadgen_scenario != "Offline" and greedy(gen) and answers:
@@ -442,7 +455,7 @@ class _TestRun:
                 "t0_monotonic_ns": time.monotonic_ns(),
             }
         )
-        run_acc = self._measure(spec_acc, run_child(spec_acc, ep))
+        run_acc = self._measure(spec_acc, run_child(spec_acc, watched, env=self.child_env))
         accuracy = self._score(dataset, run_acc.status, acc_dir)
         if accuracy is None:
             accuracy = AccuracyResult(error=f"the accuracy run ended {run_acc.status}: {run_acc.reason}")
@@ -549,7 +562,7 @@ class _TestRun:
                 }
             )
             assert self.endpoint is not None
-            child = run_child(spec, self.endpoint, env=self.child_env)
+            child = run_child(spec, self._watched(), env=self.child_env)
             measured = self._measure(spec, child)
             # Judged at the percentile the full-length confirmation's early stopping will demand at this
             # load (stricter than the scenario's at a few hundred queries), so what passes here passes there.
@@ -636,7 +649,7 @@ class _TestRun:
                 "single_stream_latency_from_warmup": False,
             }
         )
-        child = run_child(spec, self.endpoint, env=self.child_env)
+        child = run_child(spec, self._watched(), env=self.child_env)
         probe = self._measure(spec, child)
         if probe.samples_per_s is None or probe.queries.failed or probe.status not in FINISHED:
             raise _SizingFailed(
@@ -646,6 +659,58 @@ class _TestRun:
                 f"{self.p.loadgen_model}.Server.target_qps in user.conf"
             )
         return float(probe.samples_per_s), "probe-offline"
+
+    def _watched(self) -> Endpoint:
+        """What the LoadGen child watches while it runs: the engine, or with several endpoints one that
+        is alive while any of them is (one replica's death fails only its own queries)."""
+        assert self.endpoint is not None
+        if len(self.endpoints) == 1:
+            return self.endpoint
+        return _AnyAlive(
+            self.endpoint.kind,
+            self.endpoint.base_url,
+            self.endpoint.served_model,
+            log_path=self.endpoint.log_path,
+            members=list(self.endpoints),
+        )
+
+    def _endpoints_problem(self) -> str | None:
+        """Why these endpoints cannot be one SUT for one LoadGen child, or None."""
+        eps = self.endpoints
+        if len(eps) < 2:
+            return None
+        http = self.suite.http_config()
+        # user:password of a URL reaches the child by one environment variable: one for all.
+        envs = {tuple(sorted(http.for_child(ep.server_url())[1].items())) for ep in eps}
+        if len(envs) > 1:
+            return (
+                "the server URLs carry different user:password credentials; one run sends one set to "
+                "every endpoint: give them the same, or use --harness-api-key-env / --harness-header"
+            )
+        profiles = {ep.request_profile.name for ep in eps}
+        if len(profiles) > 1 or len({ep.served_model for ep in eps}) > 1:
+            return (
+                f"the endpoints differ in request fields {sorted(profiles)} or served model "
+                f"{sorted({ep.served_model for ep in eps})}; one SUT needs the same on every endpoint"
+            )
+        return None
+
+    def _endpoint_notes(self, stats: list[EndpointStats]) -> list[str]:
+        """A line per endpoint that failed queries or died, naming it (reason of result.yaml)."""
+        notes = []
+        for st, ep in zip(stats, self.endpoints, strict=True):
+            died = not ep.alive()
+            if not st.failures and not died:
+                continue
+            what = f"endpoint {st.index} ({st.url})"
+            if died:
+                what += f" died during the run (exit code {ep.exit_code()}; log: {ep.log_path})"
+            notes.append(
+                f"{what}: {st.failures} of its {st.queries} queries failed"
+                + (f" (first: {st.first_error})" if st.first_error else "")
+                + (f"; taken out of dispatch: {st.taken_out}" if st.taken_out else "")
+            )
+        return notes
 
     def _spec(self, user_conf: Path, dataset_path: Path, rate: RateChoice | None) -> RunSpec:
         """The one description of this run's LoadGen child (run_spec.json)."""
@@ -680,6 +745,10 @@ class _TestRun:
                 max_connections=o.max_connections,
                 http=http_settings,
                 request_profile=self.endpoint.request_profile,
+                endpoints=[ep.server_url().display for ep in self.endpoints]
+                if len(self.endpoints) > 1
+                else [],
+                dispatch=o.dispatch,
             ),
             performance_sample_count=self.case.dataset.performance_sample_count,
             target_qps=target,
@@ -711,6 +780,7 @@ class _TestRun:
             metrics_paths=metrics_paths(kind),
             gpu_env=engine_gpu_env(kind, {**self.case.engine.env, **self.endpoint.gpu_env}),
             http=http,
+            more_engines=[(ep.base_url, http.headers_for(ep.server_url())) for ep in self.endpoints[1:]],
         )
         n = min(len(dataset), spec.client.sample_count or len(dataset))
         expected = (
@@ -730,7 +800,7 @@ class _TestRun:
             with self.events.live(self.p.test_id, self.test_dir / "requests.jsonl", expected) as tick:
                 child = run_child(
                     spec,
-                    self.endpoint,
+                    self._watched(),
                     lambda pid: self._started(telemetry, t0_ns, pid),
                     tick,
                     env=self.child_env,
@@ -742,7 +812,7 @@ class _TestRun:
                 "interrupted (Ctrl-C or SIGTERM); partial results kept",
                 None,
                 time.time() - self.started,
-                self.endpoint.alive(),
+                all(ep.alive() for ep in self.endpoints),
             )
             result = self._measure(spec, stopped, rate, telemetry)
             raise RunInterrupted(self._finish(result)) from None
@@ -802,6 +872,20 @@ class _TestRun:
             # LoadGen judged the run, but the output checks and client numbers live in client.json:
             # without them the run cannot be gated. Its measured numbers are kept.
             status, reason = "ERROR", f"{client_problem}; LoadGen's verdict was {status}"
+        endpoints: list[EndpointStats] = []
+        engine_alive = child.engine_alive
+        if len(self.endpoints) > 1:
+            start, end = client.get("loadgen_start_s"), client.get("loadgen_end_s")
+            endpoints = endpoint_stats(
+                requests,
+                [redaction.scrub_url(ep.base_url) for ep in self.endpoints],
+                end - start if isinstance(start, (int, float)) and isinstance(end, (int, float)) else None,
+                client.get("endpoints"),
+            )
+            engine_alive = all(ep.alive() for ep in self.endpoints)
+            notes = self._endpoint_notes(endpoints)
+            if notes:
+                reason = "; ".join([*([reason] if reason else []), *notes])
         window = RunWindow.of(client)
         tel = TelemetryResult()
         if telemetry is not None:
@@ -856,7 +940,8 @@ class _TestRun:
             tpot_ms=lg.tpot_ms if lg is not None else Percentiles(),
             latency_ms=lg.latency_ms if lg is not None else Percentiles(),
             duration_s=round(child.duration_s, 3),
-            engine_alive=child.engine_alive,
+            engine_alive=engine_alive,
+            endpoints=endpoints,
             settings=lg.settings if lg is not None else {},
             rate=_rate_record(rate, client),
             latency_limits=limits,
@@ -1014,6 +1099,10 @@ class _TestRun:
             scenario=self.p.scenario,
             mode=self.p.mode,
             engine=engine,
+            endpoints=[redaction.scrub_url(e.base_url) for e in self.endpoints]
+            if len(self.endpoints) > 1
+            else None,
+            sut=describe_sut(self.endpoints, o.dispatch),
             run_spec=run_spec,
             command_line=redaction.argv(self.suite.command_line, secrets),
             cwd=str(self.suite.cwd),
@@ -1102,6 +1191,49 @@ class _TestRun:
 
 class _SizingFailed(Exception):
     pass
+
+
+@dataclass
+class _AnyAlive(Endpoint):
+    """Several endpoints as the LoadGen child watches them: alive while any is."""
+
+    members: list[Endpoint] = field(default_factory=list)
+
+    def _first_dead(self) -> Endpoint | None:
+        return next((m for m in self.members if not m.alive()), None)
+
+    def alive(self) -> bool:
+        return any(m.alive() for m in self.members)
+
+    def exit_code(self) -> int | None:
+        dead = self._first_dead()
+        return dead.exit_code() if dead is not None else None
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        dead = self._first_dead()
+        return dead.log_tail(n) if dead is not None else ""
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def describe_sut(endpoints: list[Endpoint], dispatch: str) -> str | None:
+    """What the system under test is, for metadata.yaml: several endpoints, or servers elsewhere
+    (MLPerf's Network division names such a system a Network SUT)."""
+    if not endpoints:
+        return None
+    hosts = sorted({f"{u.host}:{u.port}" for u in (ep.server_url() for ep in endpoints)})
+    remote = [h for h in hosts if h.rsplit(":", 1)[0] not in _LOOPBACK]
+    ours = all(ep.kind != "external" for ep in endpoints)
+    n = len(endpoints)
+    if remote and not ours:
+        return f"Network SUT: {n} endpoint(s) on {', '.join(hosts)}" + (
+            f" (one LoadGen, dispatch {dispatch})" if n > 1 else ""
+        )
+    if n == 1:
+        return None
+    started = f"{n} {endpoints[0].kind} replicas started by the suite" if ours else f"{n} endpoints"
+    return f"{started} on this host ({', '.join(hosts)}), one SUT (one LoadGen, dispatch {dispatch})"
 
 
 def _limits(lg: LoadGenRun | None) -> LatencyLimits | None:

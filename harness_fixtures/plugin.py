@@ -19,7 +19,7 @@ import pytest
 
 from . import hookspecs, redaction
 from .client.httpconfig import HttpConfig, ServerUrl
-from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs
+from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs, url_problem
 from .gating import GateError, load_threshold_overrides
 from .loadgen.userconf import UserConfError, parse_user_conf
 from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root, check_writable_file
@@ -91,8 +91,8 @@ def pytest_configure(config: pytest.Config) -> None:
         # Options (headers, keys, TLS files) checked now; the environment's proxies and CA variables at
         # the first request, so runs without benchmarks never fail on them.
         suite.http = HttpConfig.from_options(options, check_environment=False)
-        if options.server_url:
-            suite.http.headers_for(ServerUrl.parse(options.server_url, "--harness-server-url"))
+        for url in options.endpoint_urls():
+            suite.http.headers_for(ServerUrl.parse(url, "--harness-server-url"))
         state = HarnessState(suite)
         if options.models_dir is not None and (options.models_dir.is_dir() or options.models_dir_explicit):
             state.cases = load_cases(options.models_dir)
@@ -102,6 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
             for case in state.cases:  # hidden from every file, log and terminal line from now on
                 redaction.add_secrets(redaction.case_secrets(case.engine.model_dump()))
             suite.check_user_confs(state.cases)  # every line's model name is one a case uses
+            check_endpoints(state.cases, options)
         if options.thresholds is not None:
             from .config import Thresholds
 
@@ -191,6 +192,7 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
     options = pytestconfig.stash[STATE].suite.options
     manager = EngineManager(
         server_url=options.server_url,
+        server_urls=options.endpoint_urls(),
         api_key=options.api_key(),
         http=pytestconfig.stash[STATE].suite.http_config(),
         make_launcher=lambda kind: pytestconfig.hook.pytest_harness_make_launcher(
@@ -206,6 +208,34 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
         manager.stop()
         signal.signal(signal.SIGTERM, previous)
         pytestconfig.stash[STATE].suite.http_config().close()
+
+
+def check_endpoints(cases: list[BenchmarkCase], options: HarnessOptions) -> None:
+    """Replicas and server URLs that cannot work together, said before any engine starts.
+
+    :raises OptionError: names the case or option, the value and the fix.
+    """
+    urls = options.endpoint_urls()
+    for url in urls:
+        problem = url_problem(url)
+        if problem:
+            raise OptionError(f"--harness-server-url {url!r} {problem}")
+    for group in [list(urls)] + [[] if urls else c.engine.endpoint_urls() for c in cases]:
+        # user:password of a URL reaches the LoadGen child by one environment variable: one for all.
+        if len({ServerUrl.parse(u, "server URL").basic_auth() for u in group}) > 1:
+            raise OptionError(
+                "the server URLs carry different user:password credentials; one run sends one set to "
+                "every endpoint: give them the same, or use --harness-api-key-env / --harness-header"
+            )
+    for case in cases:
+        if urls and case.engine.replicas > 1:
+            raise OptionError(
+                f"{case.source or case.name}: engine.replicas is {case.engine.replicas}, but "
+                f"--harness-server-url names servers the suite does not start ({len(urls)}); drop "
+                "--harness-server-url to start the replicas, or pass each running server's URL"
+            )
+        for url in [] if urls else case.engine.endpoint_urls():
+            ServerUrl.parse(url, f"engine.urls of {case.source or case.name}")
 
 
 def _install_sigterm() -> Any:
@@ -238,14 +268,21 @@ def harness_test_dir(pytestconfig: pytest.Config, harness_run: PlannedRun) -> Pa
 
 
 @pytest.fixture
-def harness_engine(
+def harness_endpoints(
     pytestconfig: pytest.Config, harness_engines: EngineManager, harness_case: BenchmarkCase
-) -> Endpoint:
+) -> list[Endpoint]:
+    """Every endpoint of the case: one engine, its ``engine.replicas``, or each server URL."""
     engine_dir = session_dir(pytestconfig.stash[STATE]) / f"engine-{harness_case.name}"
     try:
-        return harness_engines.get(harness_case, engine_dir)
+        return harness_engines.get_all(harness_case, engine_dir)
     except EngineError as exc:
         pytest.fail(redaction.text(str(exc)), pytrace=False)
+
+
+@pytest.fixture
+def harness_engine(harness_endpoints: list[Endpoint]) -> Endpoint:
+    """The case's (first) engine."""
+    return harness_endpoints[0]
 
 
 class HarnessBenchmark:
@@ -261,12 +298,12 @@ class HarnessBenchmark:
     def run(self) -> BenchmarkResult:
         suite = self.config.stash[STATE].suite
 
-        def endpoint() -> Endpoint:
+        def endpoint() -> list[Endpoint]:
             try:
-                ep: Endpoint = self.request.getfixturevalue("harness_engine")
+                eps: list[Endpoint] = self.request.getfixturevalue("harness_endpoints")
             except pytest.fail.Exception as exc:
                 raise EngineError(str(exc.msg)) from None
-            return ep
+            return eps
 
         try:
             outcome = run_test(

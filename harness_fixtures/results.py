@@ -102,6 +102,28 @@ class QueryCounts(_Model):
     first_error: str | None = None
 
 
+class EndpointStats(_Model):
+    """One endpoint of a run with several (``endpoints:`` of result.yaml), from requests.jsonl alone."""
+
+    index: int
+    url: str = Field(description="Without credentials.")
+    queries: int = Field(0, description="Queries dispatched to it (answered or not).")
+    share: float | None = Field(None, description="Its fraction of the run's queries.")
+    completed: int = 0
+    failures: int = 0
+    first_error: str | None = None
+    ttft_ms_p50: float | None = None
+    ttft_ms_p99: float | None = None
+    tpot_ms_p50: float | None = None
+    tpot_ms_p99: float | None = None
+    output_tokens: int = 0
+    output_tokens_per_s: float | None = Field(None, description="Its output tokens / the LoadGen run's time.")
+    taken_out: str | None = Field(None, description="Why dispatch stopped sending it queries mid-run.")
+    engine_window: dict[str, Any] | None = Field(
+        None, description="Its own /metrics before and after LoadGen (counters' deltas)."
+    )
+
+
 class ClientStats(_Model):
     """The client's side of a run: its own timings (harness_fixtures.stats percentiles) and its load."""
 
@@ -391,6 +413,9 @@ class BenchmarkResult(_Model):
     engine: EngineWindow | None = None
     diagnosis: Diagnosis | None = None
     client: ClientStats = Field(default_factory=ClientStats)
+    endpoints: list[EndpointStats] = Field(
+        default_factory=list, description="Per endpoint, when the run had more than one."
+    )
     telemetry: TelemetryResult = Field(default_factory=TelemetryResult)
     accuracy: AccuracyResult | None = None
     consistency: Consistency = Field(default_factory=Consistency)
@@ -439,6 +464,10 @@ class Metadata(BaseModel):
     scenario: str
     mode: str
     engine: EngineInfo | None = None
+    endpoints: list[str] | None = Field(
+        None, description="Every endpoint's URL (no credentials) when the run had more than one."
+    )
+    sut: str | None = Field(None, description="What the system under test is (Network SUT: remote hosts).")
     run_spec: dict[str, Any] = Field(default_factory=dict, description="The LoadGen run, no secrets.")
     command_line: list[str] = Field(default_factory=list)
     cwd: str | None = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..results import ClientStats, Distribution, LatencyLimits, RequestMetrics
+from ..results import ClientStats, Distribution, EndpointStats, LatencyLimits, RequestMetrics
 from ..stats import describe, percentiles
 from .streaming import RequestRecord
 
@@ -50,6 +50,7 @@ class RequestLogWriter:
             "error": r.error,
             "server_request_id": r.server_request_id,
             "input_tokens": r.prompt_tokens,
+            "endpoint": r.endpoint,
             # Gaps between token-carrying chunks as the client parsed them, in microseconds.
             "itl_us": [(b - a) // 1000 for a, b in itertools.pairwise(r.chunk_ns)]
             if r.status == "ok"
@@ -222,4 +223,50 @@ def request_metrics(
         out.good_requests = len([r for r in ok if is_good(r, limits)])
         if samples_per_s is not None:
             out.request_goodput = _r(samples_per_s * out.good_requests / len(ok))
+    return out
+
+
+def endpoint_stats(
+    requests: list[Request],
+    urls: list[str],
+    duration_s: float | None,
+    summary: list[dict[str, Any]] | None = None,
+) -> list[EndpointStats]:
+    """``endpoints:`` of result.yaml: per endpoint, from the ``endpoint`` index of each request row —
+    the one place these numbers are computed.
+
+    :param urls: the endpoints' URLs without credentials, by index.
+    :param duration_s: the LoadGen run's length (output tokens/s share LoadGen's denominator).
+    :param summary: the runner's per-endpoint notes (``taken_out``, ``engine_window``) by index.
+    """
+    notes = {int(n.get("index", -1)): n for n in summary or []}
+    total = len(requests)
+    out = []
+    for i, url in enumerate(urls):
+        mine = [r for r in requests if int(r.get("endpoint") or 0) == i]
+        ok = [r for r in mine if r.get("status") == "ok"]
+        failed = [r for r in mine if r.get("status") != "ok"]
+        ttft = percentiles([v for r in ok if (v := ttft_ms(r)) is not None], (50.0, 99.0))
+        tpot = percentiles([v for r in ok if (v := tpot_ms(r)) is not None], (50.0, 99.0))
+        tokens = sum(int(r.get("n_tokens") or 0) for r in ok)
+        note = notes.get(i, {})
+        out.append(
+            EndpointStats(
+                index=i,
+                url=url,
+                queries=len(mine),
+                share=_r(len(mine) / total) if total else None,
+                completed=len(ok),
+                failures=len(failed),
+                first_error=next((r.get("error") for r in failed), None),
+                ttft_ms_p50=_r(ttft.get(50.0)),
+                ttft_ms_p99=_r(ttft.get(99.0)),
+                tpot_ms_p50=_r(tpot.get(50.0)),
+                tpot_ms_p99=_r(tpot.get(99.0)),
+                output_tokens=tokens,
+                output_tokens_per_s=_r(tokens / duration_s) if duration_s else None,
+                taken_out=note.get("taken_out"),
+                engine_window=note.get("engine_window"),
+            )
+        )
     return out

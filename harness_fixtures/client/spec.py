@@ -4,6 +4,7 @@ its in-process client and, as JSON, to each fan-out worker process."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +12,9 @@ from ..config import DatasetSpec, GenerationSpec
 from ..dataset import load_dataset
 from .httpconfig import HttpSettings
 from .payload import VLLM, RequestProfile, TokenSource, token_source
+
+DispatchPolicy = Literal["least-outstanding", "round-robin"]
+DISPATCH_POLICIES: tuple[DispatchPolicy, ...] = ("least-outstanding", "round-robin")
 
 
 class ClientSpec(BaseModel):
@@ -30,6 +34,12 @@ class ClientSpec(BaseModel):
         default_factory=HttpSettings, description="Headers, proxies, TLS (no secrets)."
     )
     request_profile: RequestProfile = Field(VLLM, description="The request fields the server accepts.")
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="Every endpoint's URL (no credentials) when the run has more than one; base_url is "
+        "the first. Empty: base_url alone.",
+    )
+    dispatch: DispatchPolicy = Field("least-outstanding", description="How a query picks its endpoint.")
 
     @property
     def token_source(self) -> TokenSource:

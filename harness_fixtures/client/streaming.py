@@ -56,6 +56,7 @@ class RequestRecord:
     # When each token-carrying chunk was parsed (time.monotonic_ns): the client-side inter-token
     # latencies. One int per chunk; emptied with token_ids once the request is logged.
     chunk_ns: list[int] = field(default_factory=list)
+    endpoint: int = 0  # index of the endpoint that served it (runs with several endpoints)
 
 
 FirstTokenCallback = Callable[[RequestRecord], None]

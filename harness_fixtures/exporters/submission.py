@@ -163,6 +163,11 @@ def system_json(runs: Sequence[TestRun], system: str, division: str, submitter: 
             "is_network": "false",
         }
     )
+    sut = getattr(md, "sut", None)
+    if isinstance(sut, str) and sut.startswith("Network SUT"):
+        # The load came over the network to servers elsewhere: MLPerf's Network division system.
+        doc["is_network"] = "true"
+        doc["sw_notes"] += f" {sut}."
     if gpus and gpus[0].get("driver_version"):
         doc["other_software_stack"] += (
             f", NVIDIA driver {gpus[0]['driver_version']}, CUDA {gpus[0].get('cuda_driver_version')}"

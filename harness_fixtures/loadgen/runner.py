@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client.cpu import CpuSampler
+from ..client.dispatch import MultiEndpointClient
 from ..client.fanout import FanoutClient
 from ..client.httpconfig import HttpConfig, HttpConfigError, ServerUrl
 from ..client.payload import describe_token_source
@@ -150,9 +151,13 @@ def run(spec: RunSpec) -> int:
         else None
     )
     workers = spec.client_workers or auto_workers(spec.loadgen_scenario, rate)
-    client: StreamingClient | FanoutClient
+    client: StreamingClient | FanoutClient | MultiEndpointClient
     try:
-        if workers == 1:
+        if len(spec.client.endpoints) > 1:
+            # One LoadGen, several endpoints: the dispatch picks one per query (client.dispatch).
+            HttpConfig.build(spec.client.http, check_environment=False)
+            client = MultiEndpointClient(spec.client, prompts, workers, on_first, on_complete)
+        elif workers == 1:
             client = StreamingClient(spec.client, prompts, on_first, on_complete)
         else:
             # LoadGen stays here; HTTP streams go to worker processes (harness_fixtures.client.fanout).
@@ -220,12 +225,19 @@ def run(spec: RunSpec) -> int:
     # The engine's counters right before and after LoadGen: its own view of exactly the measured run.
     metrics_http = HttpConfig.build(spec.client.http, check_environment=False)
     server = ServerUrl.parse(spec.client.base_url)
+    # Every endpoint's own counters too; the engine window (and the timeline) stays the first one's.
+    others = [ServerUrl.parse(u) for u in spec.client.endpoints[1:]]
     before = fetch_metrics_text(metrics_http, server, spec.metrics_paths)
+    others_before = [fetch_metrics_text(metrics_http, u, spec.metrics_paths) for u in others]
     cpu = CpuSampler().start()
     start_ns = time.monotonic_ns()
     lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
     end_ns = time.monotonic_ns()
     after = fetch_metrics_text(metrics_http, server, spec.metrics_paths) if before is not None else None
+    others_after = [
+        fetch_metrics_text(metrics_http, u, spec.metrics_paths) if b is not None else None
+        for u, b in zip(others, others_before, strict=True)
+    ]
     metrics_http.close()
     cpu_stats = cpu.stop()
     lg.DestroyQSL(qsl)
@@ -255,12 +267,24 @@ def run(spec: RunSpec) -> int:
         # core, sampled each second; with workers, theirs too, and the busiest process's fraction.
         **cpu_stats,
     }
-    if isinstance(client, FanoutClient):
-        stats = client.worker_stats()
+    fanouts = [client] if isinstance(client, FanoutClient) else []
+    if isinstance(client, MultiEndpointClient):
+        fanouts = [c for c in client.clients if isinstance(c, FanoutClient)]
+        # every endpoint's worker processes, so the client-bound check sees them all
+        summary["workers"] = sum(c.n_workers for c in fanouts) or workers
+    if fanouts:
+        stats = [s for f in fanouts for s in f.worker_stats()]
         summary["worker_processes"] = stats
         summary["cpu_pct_total"] = round(cpu_stats["cpu_pct"] + sum(w.get("cpu_pct", 0) for w in stats), 1)
         fractions = [cpu_stats["cpu_bound_fraction"], *(w.get("cpu_bound_fraction") for w in stats)]
         summary["cpu_bound_fraction"] = max((f for f in fractions if f is not None), default=None)
+    if isinstance(client, MultiEndpointClient):
+        windows = [(before, after), *zip(others_before, others_after, strict=True)]
+        summary["endpoints"] = [
+            {**e, "engine_window": engine_window(b, a).model_dump() if b and a else None}
+            for e, (b, a) in zip(client.endpoint_summary(), windows, strict=True)
+        ]
+        summary["workers_per_endpoint"] = client.workers_per_endpoint
     write_json(out / "client.json", summary)  # atomic: the parent never reads half a file
     return 0
 

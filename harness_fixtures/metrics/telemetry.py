@@ -31,6 +31,9 @@ class RunTelemetry:
     :param gpu_env: the engine's environment, whose CUDA_VISIBLE_DEVICES picks the GPUs to watch;
         None when unknown (every GPU is watched, and the result says so).
     :param http: the session's HTTP configuration (proxies, TLS, headers), the streaming client's.
+    :param more_engines: (base URL, headers) of the run's other endpoints (engine.replicas, several
+        server URLs): each is scraped too, as source ``engine<index>`` (1, 2, ...) in the timeline;
+        ``engine`` stays the first endpoint's, which the engine window and the plots describe.
     """
 
     def __init__(
@@ -42,10 +45,22 @@ class RunTelemetry:
         metrics_paths: Sequence[str] = ("/metrics",),
         gpu_env: Mapping[str, str] | None = None,
         http: HttpConfig | None = None,
+        more_engines: Sequence[tuple[str, dict[str, str]]] = (),
     ) -> None:
         self.engine = PrometheusCollector(
             base_url, interval_s=interval_s, headers=headers, paths=tuple(metrics_paths), http=http
         )
+        self.more_engines = [
+            PrometheusCollector(
+                url,
+                interval_s=interval_s,
+                headers=h,
+                paths=tuple(metrics_paths),
+                http=http,
+                name=f"engine{i}",
+            )
+            for i, (url, h) in enumerate(more_engines, start=1)
+        ]
         self.gpu = NvmlCollector(interval_s=interval_s, engine_env=gpu_env)
         self.host: HostCollector | None = None
         self.interval_s = interval_s
@@ -53,7 +68,7 @@ class RunTelemetry:
 
     def start(self, t0_ns: int, client_pid: int) -> None:
         self.host = HostCollector(interval_s=self.interval_s, pid=client_pid)
-        self.set = CollectorSet([self.engine, self.host, self.gpu])
+        self.set = CollectorSet([self.engine, *self.more_engines, self.host, self.gpu])
         self.set.start(t0_ns)
 
     def stop(self) -> None:

@@ -84,6 +84,9 @@ class LaunchContext:
     # --harness-gpus: CUDA_VISIBLE_DEVICES (and CUDA_DEVICE_ORDER) of the GPUs locked for this engine;
     # a launcher puts it over everything else in the engine's environment. Empty: no assignment.
     gpu_env: dict[str, str] = field(default_factory=dict)
+    # Which of the case's engines this is (engine.replicas, or the n-th URL): 0 for the first. A
+    # launcher that gives each replica its own GPUs or port range keys them on it.
+    replica: int = 0
 
     def http_config(self) -> HttpConfig:
         if self.http is not None:

@@ -302,9 +302,13 @@ def check_gpu_needs(pool: GpuAllocator, cases: list[BenchmarkCase], server_url: 
                 f"{case.source}: engine.env sets CUDA_VISIBLE_DEVICES, but --harness-gpus assigns the "
                 "engine's GPUs; remove it from engine.env (and say engine.gpus: N) or drop --harness-gpus"
             )
-        need = case.engine.gpu_count()
+        # every replica holds its own set for the engines' life: they must all fit at once
+        need = case.engine.gpu_count() * max(1, case.engine.replicas)
         if need > len(pool.pool):
+            what = f"{case.engine.replicas} engines" if case.engine.replicas > 1 else "the engine"
+            verb = "need" if case.engine.replicas > 1 else "needs"
             raise GpuError(
-                f"{case.source}: the engine of {case.name} needs {need} GPUs (engine.gpus or its parallel "
-                f"sizes) but --harness-gpus gives {len(pool.pool)}; pass more GPUs or deselect its tests"
+                f"{case.source}: {what} of {case.name} {verb} {need} GPUs (engine.gpus or its parallel "
+                f"sizes{', × replicas' if case.engine.replicas > 1 else ''}) but --harness-gpus gives "
+                f"{len(pool.pool)}; pass more GPUs or deselect its tests"
             )

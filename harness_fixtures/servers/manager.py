@@ -32,27 +32,36 @@ class EngineManager:
     """
 
     server_url: str | None = None
+    server_urls: tuple[str, ...] = ()  # every --harness-server-url (server_url: the first)
     api_key: str | None = field(default=None, repr=False)
     http: Any = field(default=None, repr=False)  # HttpConfig: headers, proxies, TLS of every request
     make_launcher: LauncherFactory = lambda kind: None
     on_message: Callable[[str], None] = log.info
     gpus: GpuAllocator | None = None
-    current: tuple[str, Endpoint, Any] | None = None
-    lease: GpuLease | None = None  # the current engine's GPUs
+    current: tuple[str, list[Endpoint], Any] | None = None
+    leases: list[GpuLease] = field(default_factory=list)  # the current engines' GPUs, one set each
     failed: dict[str, str] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
 
     def get(self, case: Any, run_dir: Path) -> Endpoint:
-        """The model's running engine, started (or restarted once after a death) as needed.
+        """The model's first engine (see :meth:`get_all`)."""
+        return self.get_all(case, run_dir)[0]
 
-        :raises EngineError: the engine could not start, or died too often; the message says why.
+    def get_all(self, case: Any, run_dir: Path) -> list[Endpoint]:
+        """The model's running engines — one, ``engine.replicas`` of them, or one per URL — started
+        (or restarted once after a death) as needed.
+
+        :raises EngineError: an engine could not start, or died too often; the message says why.
         """
         if self.current and self.current[0] == case.name:
-            endpoint = self.current[1]
-            if endpoint.alive():
-                return endpoint
+            endpoints = self.current[1]
+            dead = [ep for ep in endpoints if not ep.alive()]
+            if not dead:
+                return endpoints
             # It died during an earlier test (which failed saying so). Start it once more so the
             # model's remaining tests can run; a second death ends this model's tests for the session.
+            # With replicas, all of them restart: the next test measures the SUT the case describes.
+            endpoint = dead[0]
             if self.starts.get(case.name, 0) >= MAX_ENGINE_STARTS:
                 self.failed[case.name] = (
                     f"engine for {case.name!r} is not running (exit code {endpoint.exit_code()}): it died "
@@ -66,7 +75,10 @@ class EngineManager:
         self.stop()
         if case.name in self.failed:
             raise EngineError(self.failed[case.name])
-        kind = "external" if self.server_url else case.engine.kind
+        urls = list(self.server_urls) or ([self.server_url] if self.server_url else [])
+        kind = "external" if urls else case.engine.kind
+        if kind == "external" and not urls:
+            urls = case.engine.endpoint_urls()
         launcher = self.make_launcher(kind)
         if launcher is None:
             if kind not in LAUNCHERS:
@@ -75,70 +87,88 @@ class EngineManager:
                 )
                 raise EngineError(self.failed[case.name])
             launcher = LAUNCHERS[kind]()
-        gpu_env: dict[str, str] = {}
-        if self.gpus is not None and kind != "external":  # a server someone else runs has its own
-            count = case.engine.gpu_count()
-            try:
-                self.lease = self.gpus.acquire(f"engine for {case.name}", count, self.on_message)
-            except GpuError as exc:
-                self.failed[case.name] = str(exc)
-                raise EngineError(self.failed[case.name]) from None
-            gpu_env = self.lease.env()
-            self.on_message(
-                f"[harness] {case.name}: GPUs {', '.join(self._gpu_names())} "
-                f"(CUDA_VISIBLE_DEVICES={gpu_env['CUDA_VISIBLE_DEVICES']})"
-            )
-        ctx = LaunchContext(
-            case=case,
-            run_dir=run_dir,
-            api_key=self.api_key,
-            server_url=self.server_url,
-            http=self.http,
-            gpu_env=gpu_env,
-        )
+        count = len(urls) if kind == "external" and urls else max(1, int(case.engine.replicas))
         self.starts[case.name] = self.starts.get(case.name, 0) + 1
-        self.on_message(
-            f"[harness] starting {kind} engine for {case.name} (log: {run_dir / 'engine.log'}) ..."
-        )
+        started: list[Endpoint] = []
         try:
-            endpoint = self._start(case, launcher, ctx, kind)
+            for i in range(count):
+                # One engine: its folder as before; several: a folder (and engine.log) each.
+                where = run_dir if count == 1 else run_dir / f"replica-{i}"
+                what = "" if count == 1 else f" {i + 1}/{count}"
+                lease = self._lease(case, kind, what)
+                ctx = LaunchContext(
+                    case=case,
+                    run_dir=where,
+                    api_key=self.api_key,
+                    server_url=urls[i] if kind == "external" and urls else None,
+                    http=self.http,
+                    gpu_env=lease.env() if lease is not None else {},
+                    replica=i,
+                )
+                log_file = where / "engine.log"
+                self.on_message(
+                    f"[harness] starting {kind} engine{what} for {case.name} (log: {log_file}) ..."
+                )
+                endpoint = self._start(launcher, kind, ctx)
+                self.on_message(
+                    f"[harness] {case.name}: engine{what} ready at {redaction.scrub_url(endpoint.base_url)} "
+                    f"after {endpoint.info.get('start_s', 0):.0f} s (version {endpoint.version})"
+                )
+                endpoint.info["stop_timeout_s"] = case.engine.stop_timeout_s
+                endpoint.info["start_number"] = self.starts[case.name]  # 1 = first start of this model
+                endpoint.info["replica"] = i
+                endpoint.gpus = lease.records() if lease is not None else []
+                endpoint.gpu_env = dict(ctx.gpu_env)
+                started.append(endpoint)
         except BaseException:
-            self._release()  # the launcher stopped what it started: its GPUs are free again
+            try:
+                for ep in reversed(started):  # none outlives a failed start of its siblings
+                    launcher.stop(ep)
+            finally:
+                self._release()  # the launcher stopped what it started: its GPUs are free again
             raise
-        endpoint.gpus = self.lease.records() if self.lease is not None else []
-        endpoint.gpu_env = dict(gpu_env)
-        self.current = (case.name, endpoint, launcher)
-        return endpoint
+        self.current = (case.name, started, launcher)
+        return started
 
-    def _start(self, case: Any, launcher: Launcher, ctx: LaunchContext, kind: str) -> Endpoint:
+    def _lease(self, case: Any, kind: str, what: str) -> GpuLease | None:
+        """--harness-gpus: lock ``engine.gpus`` GPUs for one engine (each replica its own set)."""
+        if self.gpus is None or kind == "external":  # a server someone else runs has its own
+            return None
         try:
-            endpoint = launcher.start(ctx)
-        except EngineError as exc:
-            self.failed[case.name] = f"engine for {case.name!r} failed to start: {exc}"
+            lease = self.gpus.acquire(
+                f"engine{what} for {case.name}", case.engine.gpu_count(), self.on_message
+            )
+        except GpuError as exc:
+            self.failed[case.name] = str(exc)
             raise EngineError(self.failed[case.name]) from None
+        self.leases.append(lease)
+        env = lease.env()
+        names = [str(g.index) if g.index is not None else str(g.uuid) for g in lease.gpus]
+        self.on_message(
+            f"[harness] {case.name}{what}: GPUs {', '.join(names)} "
+            f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})"
+        )
+        return lease
+
+    def _start(self, launcher: Launcher, kind: str, ctx: LaunchContext) -> Endpoint:
+        name = ctx.case.name
+        try:
+            return launcher.start(ctx)
+        except EngineError as exc:
+            self.failed[name] = f"engine for {name!r} failed to start: {exc}"
+            raise EngineError(self.failed[name]) from None
         except Exception as exc:
             # A plugin's launcher, or a bug: the model's other tests must not try again either.
             log.exception("launcher %s failed", kind)
-            self.failed[case.name] = (
-                f"engine for {case.name!r} failed to start: {type(exc).__name__}: {exc} "
+            self.failed[name] = (
+                f"engine for {name!r} failed to start: {type(exc).__name__}: {exc} "
                 f"(launcher {type(launcher).__name__}; traceback in harness.log)"
             )
-            raise EngineError(self.failed[case.name]) from None
-        self.on_message(
-            f"[harness] {case.name}: engine ready at {redaction.scrub_url(endpoint.base_url)} "
-            f"after {endpoint.info.get('start_s', 0):.0f} s (version {endpoint.version})"
-        )
-        endpoint.info["stop_timeout_s"] = case.engine.stop_timeout_s
-        endpoint.info["start_number"] = self.starts[case.name]  # 1 = first start of this model
-        return endpoint
-
-    def _gpu_names(self) -> list[str]:
-        gpus = self.lease.gpus if self.lease is not None else ()
-        return [str(g.index) if g.index is not None else str(g.uuid) for g in gpus]
+            raise EngineError(self.failed[name]) from None
 
     def _release(self) -> None:
-        lease, self.lease = self.lease, None
-        if lease is not None:
+        leases, self.leases = self.leases, []
+        for lease in leases:
             lease.release()
 
     def stop(self) -> None:
@@ -146,10 +176,11 @@ class EngineManager:
         if self.current is None:
             self._release()
             return
-        name, endpoint, launcher = self.current
+        name, endpoints, launcher = self.current
         self.current = None
-        log.info("stopping engine for %s", name)
+        log.info("stopping engine(s) for %s", name)
         try:
-            launcher.stop(endpoint)
+            for endpoint in endpoints:
+                launcher.stop(endpoint)
         finally:
             self._release()

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from harness_fixtures.config import BenchmarkCase, EngineSpec, parallel_sizes, shard_of
 from harness_fixtures.metrics.nvml import FAKE_GPUS_ENV, NvmlCollector, inventory
 from harness_fixtures.options import OPTIONS, HarnessOptions, Option, OptionError
-from harness_fixtures.servers.base import Endpoint, LaunchContext
+from harness_fixtures.servers.base import Endpoint, EngineError, LaunchContext
 from harness_fixtures.servers.gpus import LOCK_DIR_ENV, Gpu, GpuAllocator, GpuError, acquire, resolve_pool
 from harness_fixtures.servers.manager import EngineManager
 
@@ -234,9 +234,27 @@ def test_manager_gives_each_engine_its_gpus_and_frees_them_at_stop(tmp_path: Pat
     assert launcher.stopped == 1
     assert ep_b.gpu_env["CUDA_VISIBLE_DEVICES"].count("GPU-test-") == 4
     manager.stop()
-    assert manager.lease is None
+    assert manager.leases == []
     after = allocator.acquire("after", 4)
     assert len(after.gpus) == 4  # all free again
+    after.release()
+
+
+def test_each_replica_gets_its_own_gpus_and_a_failed_sibling_frees_them(tmp_path: Path) -> None:
+    launcher = RecordingLauncher()
+    allocator = GpuAllocator(fake_pool(4), wait_s=1, folder=tmp_path / "locks")
+    manager = EngineManager(make_launcher=lambda kind: launcher, gpus=allocator, on_message=lambda s: None)
+    eps = manager.get_all(case("a", gpus=2, replicas=2), tmp_path / "a")
+    sets = [set(ep.gpu_env["CUDA_VISIBLE_DEVICES"].split(",")) for ep in eps]
+    assert len(eps) == 2 and all(len(x) == 2 for x in sets) and not sets[0] & sets[1]
+    manager.stop()
+    # three replicas of two GPUs do not fit in four: the third waits out its deadline, and the two
+    # started are stopped and their GPUs freed
+    with pytest.raises(EngineError, match="GPU"):
+        manager.get_all(case("b", gpus=2, replicas=3), tmp_path / "b")
+    assert launcher.stopped == 2 + 2 and manager.leases == []
+    after = allocator.acquire("after", 4)
+    assert len(after.gpus) == 4
     after.release()
 
 
