@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..client.httpconfig import HttpSettings
 from ..results import Status, write_text_atomic
 from ..servers.base import Endpoint
 from ..servers.process import start_process, stop_process_group
@@ -51,6 +52,7 @@ def run_child(
     """
     out = Path(spec.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    spec = absolute_paths(spec)  # the child runs in the test's folder (see below)
     spec_path = out / "run_spec.json"
     # The child's input: written as is (no secrets by construction: the API key travels by the
     # NAME of its variable, the URL without userinfo), so no redaction can change a path in it.
@@ -106,3 +108,28 @@ def run_child(
             f"({endpoint.log_path}):\n{endpoint.log_tail()}"
         )
     return ChildOutcome(status, reason, proc.returncode, time.monotonic() - t0, alive)
+
+
+def _absolute_files(http: HttpSettings | None) -> HttpSettings | None:
+    """The HTTP settings with their PEM files as absolute paths (the child runs elsewhere)."""
+    if http is None:
+        return None
+    files = {k: getattr(http, k) for k in ("ca_bundle", "client_cert", "client_key")}
+    return http.model_copy(update={k: str(Path(v).resolve()) for k, v in files.items() if v})
+
+
+def absolute_paths(spec: RunSpec) -> RunSpec:
+    """The spec with every file it names as an absolute path: the child's working directory is its
+    test folder, so a path relative to the invocation folder would name another file there."""
+    return spec.model_copy(
+        update={
+            "out_dir": str(Path(spec.out_dir).resolve()),
+            "user_conf": str(Path(spec.user_conf).resolve()),
+            "client": spec.client.model_copy(
+                update={
+                    "dataset_path": str(Path(spec.client.dataset_path).resolve()),
+                    "http": _absolute_files(spec.client.http),
+                }
+            ),
+        }
+    )
