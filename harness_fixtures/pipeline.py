@@ -25,10 +25,10 @@ from typing import Any
 
 from . import redaction
 from .accuracy.run import AccuracyRunError, score_run
-from .client.httpconfig import HttpConfig
+from .client.httpconfig import HttpConfig, ServerUrl
 from .client.payload import PROFILES, PayloadError, RequestProfile, token_source
 from .client.requestlog import client_stats, endpoint_stats, read_requests, request_metrics
-from .config import BenchmarkCase, ConfigError, PlannedRun
+from .config import BenchmarkCase, ConfigError, PlannedRun, url_problem
 from .dataset import Dataset, DatasetError, DatasetMissing, load_dataset, vocab_size
 from .diagnosis import diagnose
 from .environment import capture as capture_environment
@@ -80,7 +80,7 @@ from .loadgen.userconf import ConfEntry, UserConfError, parse_user_conf, unknown
 from .metrics.plots import LatencyMarks, RunWindow, write_capacity_plot
 from .metrics.telemetry import RunTelemetry
 from .metrics.window import gauges_over
-from .options import HarnessOptions
+from .options import HarnessOptions, OptionError
 from .results import (
     FINISHED,
     AccuracyResult,
@@ -131,6 +131,34 @@ class Events:
 
     def child_started(self, pid: int) -> None:
         """The LoadGen runner process of a run is up (tools watch its memory, tests its workers)."""
+
+
+def check_endpoints(cases: list[BenchmarkCase], options: HarnessOptions) -> None:
+    """Replicas and server URLs that cannot work together, said before any engine starts.
+
+    :raises OptionError: names the case or option, the value and the fix.
+    """
+    urls = options.endpoint_urls()
+    for url in urls:
+        problem = url_problem(url)
+        if problem:
+            raise OptionError(f"--harness-server-url {url!r} {problem}")
+    for group in [list(urls)] + [[] if urls else c.engine.endpoint_urls() for c in cases]:
+        # user:password of a URL reaches the LoadGen child by one environment variable: one for all.
+        if len({ServerUrl.parse(u, "server URL").basic_auth() for u in group}) > 1:
+            raise OptionError(
+                "the server URLs carry different user:password credentials; one run sends one set to "
+                "every endpoint: give them the same, or use --harness-api-key-env / --harness-header"
+            )
+    for case in cases:
+        if urls and case.engine.replicas > 1:
+            raise OptionError(
+                f"{case.source or case.name}: engine.replicas is {case.engine.replicas}, but "
+                f"--harness-server-url names servers the suite does not start ({len(urls)}); drop "
+                "--harness-server-url to start the replicas, or pass each running server's URL"
+            )
+        for url in [] if urls else case.engine.endpoint_urls():
+            ServerUrl.parse(url, f"engine.urls of {case.source or case.name}")
 
 
 @dataclass

@@ -19,11 +19,11 @@ import pytest
 
 from . import hookspecs, redaction
 from .client.httpconfig import HttpConfig, ServerUrl
-from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs, url_problem
+from .config import BenchmarkCase, ConfigError, PlannedRun, load_cases, plan_runs
 from .gating import GateError, load_threshold_overrides
 from .loadgen.userconf import UserConfError, parse_user_conf
 from .options import OPTIONS, HarnessOptions, Option, OptionError, check_output_root, check_writable_file
-from .pipeline import Outcome, RunInterrupted, Suite, run_test
+from .pipeline import Outcome, RunInterrupted, Suite, check_endpoints, run_test
 from .reporting import (
     RESULT_PROP,
     STATE,
@@ -208,34 +208,6 @@ def harness_engines(pytestconfig: pytest.Config) -> Iterator[EngineManager]:
         manager.stop()
         signal.signal(signal.SIGTERM, previous)
         pytestconfig.stash[STATE].suite.http_config().close()
-
-
-def check_endpoints(cases: list[BenchmarkCase], options: HarnessOptions) -> None:
-    """Replicas and server URLs that cannot work together, said before any engine starts.
-
-    :raises OptionError: names the case or option, the value and the fix.
-    """
-    urls = options.endpoint_urls()
-    for url in urls:
-        problem = url_problem(url)
-        if problem:
-            raise OptionError(f"--harness-server-url {url!r} {problem}")
-    for group in [list(urls)] + [[] if urls else c.engine.endpoint_urls() for c in cases]:
-        # user:password of a URL reaches the LoadGen child by one environment variable: one for all.
-        if len({ServerUrl.parse(u, "server URL").basic_auth() for u in group}) > 1:
-            raise OptionError(
-                "the server URLs carry different user:password credentials; one run sends one set to "
-                "every endpoint: give them the same, or use --harness-api-key-env / --harness-header"
-            )
-    for case in cases:
-        if urls and case.engine.replicas > 1:
-            raise OptionError(
-                f"{case.source or case.name}: engine.replicas is {case.engine.replicas}, but "
-                f"--harness-server-url names servers the suite does not start ({len(urls)}); drop "
-                "--harness-server-url to start the replicas, or pass each running server's URL"
-            )
-        for url in [] if urls else case.engine.endpoint_urls():
-            ServerUrl.parse(url, f"engine.urls of {case.source or case.name}")
 
 
 def _install_sigterm() -> Any:

@@ -1,4 +1,4 @@
-"""The fault matrix of issue #7: one test per row, each with bounded runtime.
+"""The fault matrix: one test per row, each with bounded runtime.
 
 | row | test |
 |---|---|

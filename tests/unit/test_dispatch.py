@@ -15,7 +15,7 @@ from harness_fixtures.client.dispatch import DOWN_AFTER_FAILURES, Dispatcher
 from harness_fixtures.client.requestlog import endpoint_stats
 from harness_fixtures.config import BenchmarkCase, ConfigError, load_case
 from harness_fixtures.options import OPTIONS, HarnessOptions, Option, OptionError
-from harness_fixtures.plugin import check_endpoints
+from harness_fixtures.pipeline import check_endpoints
 from harness_fixtures.servers import Endpoint, LaunchContext
 from harness_fixtures.servers.launchers import VllmLauncher
 from harness_fixtures.servers.manager import EngineManager
