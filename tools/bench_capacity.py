@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 harness_wall = time.monotonic() - t0
                 cap = outcome.result.capacity
                 assert cap is not None and cap.found_qps is not None, outcome.result.reason
-                spec = RunSpec.model_validate(outcome.metadata.run_spec)
+                # the run's own spec file: absolute paths (metadata.yaml's are relative to the session)
+                spec = RunSpec.model_validate_json((work / f"harness-{batch}" / "run_spec.json").read_text())
                 gaps = schedule_gaps(work / f"harness-{batch}", float(outcome.result.settings["target_qps"]))
                 seed = model_estimate(gaps * 20, batch)  # the same gaps, enough of them for any rate
                 truth, truth_runs, truth_wall = truth_by_bisection(
