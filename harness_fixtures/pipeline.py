@@ -596,7 +596,8 @@ class _TestRun:
             # load (stricter than the scenario's at a few hundred queries), so what passes here passes there.
             full_queries = max(eff.min_query_count, math.ceil(qps * eff.min_duration_ms / 1000))
             at = early_stopping_percentile(full_queries, limits.percentile) or limits.percentile
-            margins = probe_margins(self._requests, limits, at)
+            # ... and projected to its length: a queue still building in the probe keeps building there.
+            margins = probe_margins(self._requests, limits, at, full_s=full_queries / qps)
             passed = (
                 measured.status in FINISHED
                 and measured.queries.failed == 0

@@ -147,7 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="2,4,8", help="Simulator batch slots, one capacity each.")
     parser.add_argument("--full-s", type=float, default=20.0, help="Min duration of a full run (s).")
     parser.add_argument("--work-dir", type=Path, help="Keep the runs here (default: a temporary folder).")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="The JSON rows an earlier run printed: its truth and FindPeakPerformance numbers are reused "
+        "for the same slots, and only the harness runs (to compare a change of the search).",
+    )
     args = parser.parse_args(argv)
+    reference: dict[int, dict[str, Any]] = {}
+    if args.reference is not None:
+        for line in args.reference.read_text().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                reference[int(row["batch"])] = row
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         work = args.work_dir or Path(tmp)
@@ -173,24 +185,36 @@ def main(argv: list[str] | None = None) -> int:
                 assert cap is not None and cap.found_qps is not None, outcome.result.reason
                 # the run's own spec file: absolute paths (metadata.yaml's are relative to the session)
                 spec = RunSpec.model_validate_json((work / f"harness-{batch}" / "run_spec.json").read_text())
-                gaps = schedule_gaps(work / f"harness-{batch}", float(outcome.result.settings["target_qps"]))
-                seed = model_estimate(gaps * 20, batch)  # the same gaps, enough of them for any rate
-                truth, truth_runs, truth_wall = truth_by_bisection(
-                    spec, endpoint, work / f"truth-{batch}", seed
-                )
+                ref = reference.get(batch)
+                if ref is not None:
+                    seed = ref["model_qps"]
+                    truth, truth_runs, truth_wall = ref["truth_qps"], ref["truth_runs"], ref["truth_wall_s"]
+                    fpp_found, fpp_runs, fpp_wall = (
+                        ref["findpeak_found"],
+                        ref["findpeak_runs"],
+                        ref["findpeak_wall_s"],
+                    )
+                else:
+                    gaps = schedule_gaps(
+                        work / f"harness-{batch}", float(outcome.result.settings["target_qps"])
+                    )
+                    seed = model_estimate(gaps * 20, batch)  # the same gaps, enough of them for any rate
+                    truth, truth_runs, truth_wall = truth_by_bisection(
+                        spec, endpoint, work / f"truth-{batch}", seed
+                    )
 
-                # LoadGen's FindPeakPerformance from a lower bound that passes (a quarter of the truth).
-                fpp = spec.model_copy(
-                    update={
-                        "out_dir": str(work / f"findpeak-{batch}"),
-                        "mode": "find_peak",
-                        "target_qps": round(truth / 4, 3),
-                    }
-                )
-                t0 = time.monotonic()
-                run_child(fpp, endpoint)
-                fpp_wall = time.monotonic() - t0
-                fpp_found, fpp_runs = find_peak_result(Path(fpp.out_dir))
+                    # LoadGen's FindPeakPerformance from a lower bound that passes (a quarter of the truth).
+                    fpp = spec.model_copy(
+                        update={
+                            "out_dir": str(work / f"findpeak-{batch}"),
+                            "mode": "find_peak",
+                            "target_qps": round(truth / 4, 3),
+                        }
+                    )
+                    t0 = time.monotonic()
+                    run_child(fpp, endpoint)
+                    fpp_wall = time.monotonic() - t0
+                    fpp_found, fpp_runs = find_peak_result(Path(fpp.out_dir))
             finally:
                 launcher.stop(endpoint)
             rows.append(
@@ -212,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     "findpeak_runs": fpp_runs,
                     "findpeak_wall_s": round(fpp_wall, 1),
                     "wall_ratio": round(harness_wall / fpp_wall, 3),
+                    "reference": ref is not None,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

@@ -4,8 +4,10 @@ Each probe is a short LoadGen PerformanceOnly run (the same child process and cl
 judged by LoadGen's latency constraints at the percentile its early stopping will demand of the
 full-length run at that load (:func:`early_stopping_percentile`: stricter than the scenario's
 percentile, e.g. p93 for a 500-query p90 run), so that a load that passes as a probe passes as a full
-run. Besides the verdict a probe yields a *margin* per constraint, observed percentile / limit (1.0 =
-exactly at the limit), and the search works on those margins rather than on pass/fail alone:
+run, and with the latency's climb over the probe projected to the full run's length
+(:func:`probe_margins`). Besides the verdict a probe yields a *margin* per constraint, that percentile
+/ limit (1.0 = exactly at the limit), and the search works on those margins rather than on pass/fail
+alone:
 
 1. bracket: the first probe at half the upper bound (the measured Offline throughput: a Server run
    cannot complete more than the system does with no latency limit), then steps up or down scaled
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from ..client.requestlog import tpot_ms, ttft_ms
@@ -131,16 +134,52 @@ def early_stopping_percentile(n_queries: int, percentile: float, confidence: flo
 
 
 def probe_margins(
-    requests: Sequence[dict[str, Any]], limits: Limits, at_percentile: float
+    requests: Sequence[dict[str, Any]],
+    limits: Limits,
+    at_percentile: float,
+    full_s: float | None = None,
 ) -> dict[str, float | None]:
-    """Each limited latency's observed value at ``at_percentile`` (0–1) / its limit, from the request log
-    (LoadGen's percentile definition)."""
+    """Each limited latency's value at ``at_percentile`` (0–1) / its limit, from the request log
+    (LoadGen's percentile definition), projected to a run of ``full_s`` seconds.
+
+    A short probe at a load the system cannot sustain sees a queue that is still building: latency
+    climbs through the probe, and a full-length run would see it climb for ten times as long (measured
+    on the simulator: a 3 s probe passing at 1.37× the load a 40 s run can sustain). So the latency's
+    drift over the probe, the Theil–Sen slope of latency against issue time (robust to the tail), is
+    carried forward: a run whose latencies rise linearly by ``s`` per second has its ``p``-th percentile
+    ``p · s · Δt`` higher when it lasts ``Δt`` longer. A falling or flat latency adds nothing.
+    """
     out: dict[str, float | None] = {}
     for name, read, limit in (("ttft", ttft_ms, limits.ttft_ms), ("tpot", tpot_ms, limits.tpot_ms)):
-        if limit:
-            observed = percentile((v for r in requests if (v := read(r)) is not None), at_percentile * 100)
-            out[name] = None if observed is None else round(observed / limit, 4)
+        if not limit:
+            continue
+        points = [(float(r["issued_s"]), v) for r in requests if (v := read(r)) is not None]
+        observed = percentile((v for _, v in points), at_percentile * 100)
+        if observed is None:
+            out[name] = None
+            continue
+        if full_s is not None and len(points) >= 10:
+            times = [t for t, _ in points]
+            span = max(times) - min(times)
+            observed += at_percentile * max(0.0, drift(points)) * max(0.0, full_s - span)
+        out[name] = round(observed / limit, 4)
     return out
+
+
+def drift(points: Sequence[tuple[float, float]], most: int = 400) -> float:
+    """The Theil–Sen slope of (time, value) points: the median of the pairwise slopes (0 for < 2
+    distinct times), over at most ``most`` points evenly taken in time order."""
+    pts = sorted(points)
+    if len(pts) > most:
+        pts = [pts[round(i * (len(pts) - 1) / (most - 1))] for i in range(most)]
+    t = np.array([p[0] for p in pts])
+    v = np.array([p[1] for p in pts])
+    i, j = np.triu_indices(len(pts), k=1)
+    dt = t[j] - t[i]
+    keep = dt > 0
+    if not keep.any():
+        return 0.0
+    return float(np.median((v[j] - v[i])[keep] / dt[keep]))
 
 
 def _ns_ms(v: Any) -> float | None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from harness_fixtures.loadgen.capacity import (
     CapacitySearch,
     Limits,
+    drift,
     early_stopping_percentile,
     isotonic,
     probe_margins,
@@ -202,3 +203,42 @@ def test_probe_margins_read_the_request_log_at_the_percentile_asked() -> None:
     assert at_p90 is not None and at_p95 is not None and at_p95 > at_p90
     assert at_p90 == pytest.approx(91 / 90, rel=0.02)
     assert "tpot" not in probe_margins(requests, limits, 0.9)  # no limit, no margin
+
+
+def _rising(
+    slope_ms_per_s: float, n: int = 100, rate: float = 20.0, seed: int = 3
+) -> list[dict[str, object]]:
+    """Requests issued at ``rate`` per second whose TTFT is 20 ms plus noise plus a linear climb."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        t = i / rate
+        ttft_ms = 20 + rng.expovariate(1 / 5) + slope_ms_per_s * t
+        out.append({"status": "ok", "issued_s": t, "first_token_s": t + ttft_ms / 1000, "n_tokens": 1})
+    return out
+
+
+@given(st.floats(min_value=-5, max_value=50), st.integers(min_value=0, max_value=1000))
+@settings(max_examples=40, deadline=None)
+def test_drift_recovers_a_linear_climb_through_the_noise(slope: float, seed: int) -> None:
+    requests = _rising(slope, n=400, seed=seed)  # 20 s: the slope's standard error about 0.1 ms/s
+    points = [
+        (float(r["issued_s"]), (float(r["first_token_s"]) - float(r["issued_s"])) * 1000) for r in requests
+    ]
+    assert drift(points) == pytest.approx(slope, abs=1.0)
+
+
+def test_a_probe_whose_latency_climbs_is_judged_at_the_full_runs_length() -> None:
+    limits = Limits(ttft_ms=80.0, tpot_ms=None, percentile=0.9)
+    climbing, flat, falling = _rising(10.0), _rising(0.0), _rising(-3.0)
+    span = 99 / 20.0
+    short = probe_margins(climbing, limits, 0.9)["ttft"]
+    full = probe_margins(climbing, limits, 0.9, full_s=50.0)["ttft"]
+    assert short is not None and full is not None
+    # a queue still building: its p90 a full run later is 0.9 × 10 ms/s × (50 s − the probe's span) higher
+    assert full * 80 - short * 80 == pytest.approx(0.9 * 10.0 * (50.0 - span), rel=0.15)
+    for steady in (flat, falling):  # nothing added where latency does not climb
+        assert probe_margins(steady, limits, 0.9, full_s=50.0)["ttft"] == pytest.approx(
+            probe_margins(steady, limits, 0.9)["ttft"], abs=0.02
+        )
+    assert probe_margins(climbing, limits, 0.9, full_s=1.0) == probe_margins(climbing, limits, 0.9)
