@@ -189,8 +189,12 @@ def test_processes_die_with_the_process_that_started_them(tmp_path: Path, cleanu
 
 def _record_of_a_dead_owner(session: Path, records: list[ProcessRecord]) -> Path:
     """A pidfile as a killed session leaves it: its owner (a process that has exited) and records."""
-    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    # alive until its stdin closes: recorded while it runs (a process that already exited is a zombie
+    # until waited for, and has no command line to record), then gone
+    owner = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     owner_record = ProcessRecord.of(owner.pid, "pytest")
+    assert owner.stdin is not None
+    owner.stdin.close()
     owner.wait(10)
     path = session / PIDFILE_DIR / "1.json"
     path.parent.mkdir(parents=True)
