@@ -746,7 +746,12 @@ def write_capacity_plot(path: Path, capacity: CapacityResult, limits: Any) -> st
                 ax.axhline(limit, color="black", linestyle="--", label=f"limit {limit:g} ms")
             if capacity.found_qps:
                 ax.axvline(capacity.found_qps, color="tab:blue", linestyle=":", label="found")
-            _finish(ax, f"{name.upper()} {at} per probe", f"{name.upper()} {at} (ms)", xlabel=ax is axes[1])
+            _finish(
+                ax,
+                f"{name.upper()} {at} per probe, projected to the full run's length",
+                f"{name.upper()} {at} (ms)",
+                xlabel=ax is axes[1],
+            )
             _legend(ax)
         axes[1].set_xlabel("probe load (QPS)")
         path.parent.mkdir(parents=True, exist_ok=True)
