@@ -11,13 +11,18 @@ engine answered the warm-up request alone. The rules, in order:
    unloaded latency;
 3. requests waited in the engine's queue for a noticeable share of the window → the engine is
    saturated at this load (whatever the client's own lag): a lower target, or the capacity search;
-4. otherwise the latency limit failed without queueing → the engine is too slow at this batch.
+4. otherwise the latency limit failed without queueing → the engine is too slow at this batch;
+5. an Offline run still too short after its reruns at the measured rate → the engine's throughput
+   grows with the samples it is given faster than the reruns raised the count: the rates measured
+   per attempt, and an expected QPS or query count that issues enough samples.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
+from .loadgen.mllog import MIN_DURATION_NOT_MET, failed_checks
 from .results import BenchmarkResult, ConstraintCheck, Diagnosis
 
 SATURATED_WAITING_SHARE = 0.1  # requests waiting in the engine queue in >= 10 % of the window's samples
@@ -127,12 +132,41 @@ def diagnose(
             constraints=checks,
             evidence=evidence,
         )
+    if result.scenario == "Offline" and failed_checks(result.invalid_constraints) == [MIN_DURATION_NOT_MET]:
+        return _offline_too_short(result, checks, evidence)
     return Diagnosis(
         verdict="INVALID without a latency limit failing: " + (result.reason or "LoadGen gave no reason"),
         next_step="run more queries or a longer min_duration so LoadGen's early stopping can be satisfied",
         constraints=checks,
         evidence=evidence,
     )
+
+
+def _offline_too_short(
+    result: BenchmarkResult, checks: list[ConstraintCheck], evidence: dict[str, Any]
+) -> Diagnosis:
+    """Offline ended before min_duration: the rate each attempt measured, and what issues enough."""
+    earlier = result.rate.earlier_attempts if result.rate is not None else []
+    rates = [float(a["samples_per_s"]) for a in earlier if isinstance(a.get("samples_per_s"), (int, float))]
+    if result.samples_per_s is not None:
+        rates.append(result.samples_per_s)
+    measured = " → ".join(f"{r:.4g}" for r in rates)
+    rising = len(rates) > 1 and all(b > a for a, b in pairwise(rates))
+    verdict = (
+        f"Offline ended before min_duration in {len(rates)} attempt(s), measuring {measured} samples/s"
+        if rates
+        else "Offline ended before min_duration"
+    )
+    if rising:
+        verdict += ": the engine's throughput grows with the samples it is given"
+    model = result.loadgen_model
+    step = (
+        f"set {model}.Offline.target_qps >= {2 * rates[-1]:.4g} (twice the last rate measured) or a "
+        f"{model}.Offline.min_query_count that issues more samples, in user.conf"
+        if rates
+        else f"set {model}.Offline.target_qps or min_query_count in user.conf so more samples are issued"
+    )
+    return Diagnosis(verdict=verdict, next_step=step, constraints=checks, evidence=evidence)
 
 
 def _ms(seconds: Any) -> float | None:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from support import TINY_USER_CONF, run_pipeline
+from support import TINY_SIM, TINY_USER_CONF, run_pipeline
 
 from harness_fixtures.client.payload import TRTLLM
 from harness_fixtures.client.requestlog import read_requests
@@ -89,7 +89,9 @@ def test_offline_run_with_a_client_queue_longer_than_the_deadline(
 def test_tokens_counted_from_usage_when_the_stream_has_no_ids(start_sim: StartSim, tmp_path: Path) -> None:
     """A chat run with TensorRT-LLM's request fields: no ids in the stream, so tokens come from usage;
     result.yaml says so, LoadGen gets the real count, and no id is made up for the first token."""
-    endpoint, case = start_sim(max_tokens=8, ttft_base_ms=5, itl_ms=1)
+    # A bounded batch: a system whose throughput has a limit, so Offline's sizing settles (with no
+    # limit, samples/s grows with every sample issued and no expected QPS outlasts min_duration).
+    endpoint, case = start_sim(max_tokens=8, **TINY_SIM)
     endpoint.request_profile = TRTLLM
     case = case.model_copy(
         update={

@@ -91,3 +91,36 @@ def test_invalid_with_every_limit_met_points_at_early_stopping() -> None:
     d = diagnose(result(None, reason="early stopping not met"), [met], UNLOADED, None, [])
     assert d.verdict == "INVALID without a latency limit failing: early stopping not met"
     assert "min_duration" in d.next_step
+
+
+def test_an_offline_run_still_too_short_after_its_reruns_shows_the_rising_rates() -> None:
+    from harness_fixtures.loadgen.mllog import MIN_DURATION_NOT_MET
+    from harness_fixtures.results import RateChoice
+
+    rate = RateChoice(
+        setting="offline_expected_qps",
+        value=3565.0,
+        source="measured",
+        reason="attempt 3",
+        attempts=3,
+        earlier_attempts=[{"samples_per_s": 1206.0}, {"samples_per_s": 2852.0}],
+    )
+    r = result(
+        None,
+        scenario="Offline",
+        loadgen_model="tiny",
+        samples_per_s=4100.0,
+        invalid_constraints=[MIN_DURATION_NOT_MET],
+        rate=rate,
+    )
+    d = diagnose(r, [], UNLOADED, None, [])
+    assert d.verdict == (
+        "Offline ended before min_duration in 3 attempt(s), measuring 1206 → 2852 → 4100 samples/s: "
+        "the engine's throughput grows with the samples it is given"
+    )
+    assert d.next_step.startswith("set tiny.Offline.target_qps >= 8200 (twice the last rate measured)")
+    # A rate that did not rise is not called growth.
+    flat = r.model_copy(
+        update={"rate": rate.model_copy(update={"earlier_attempts": [{"samples_per_s": 5000.0}]})}
+    )
+    assert diagnose(flat, [], UNLOADED, None, []).verdict.endswith("measuring 5000 → 4100 samples/s")
