@@ -11,6 +11,10 @@ stale lock behind (a pidfile or a lock server would). The folder must be on a lo
 A GPU is locked under its UUID when NVML (or the fake inventory, ``HARNESS_FAKE_GPUS``) knows it,
 so ``--harness-gpus 0`` in one session and ``--harness-gpus GPU-…`` in another still exclude each
 other; without NVML the index as given is the lock's name.
+
+A MIG instance is locked under its own UUID, exclusively, and its parent GPU's lock is held shared
+at the same time: two sessions on two MIG instances of one GPU run side by side, while a session
+that asks for the whole GPU (an exclusive lock on the parent) waits for both, and the reverse.
 """
 
 from __future__ import annotations
@@ -57,12 +61,17 @@ class Gpu:
     index: int | None
     uuid: str | None
     name: str | None = None
+    parent_uuid: str | None = None  # a MIG instance: the UUID of the GPU it is a slice of
 
     @property
     def key(self) -> str:
         """The lock's name: the UUID when known (the same GPU whatever the option said)."""
-        raw = self.uuid.lower() if self.uuid else f"index-{self.index}"
-        return re.sub(r"[^a-z0-9._-]", "_", raw)
+        return _lock_name(self.uuid.lower() if self.uuid else f"index-{self.index}")
+
+    @property
+    def parent_key(self) -> str | None:
+        """A MIG instance: the lock name of its GPU, held shared while the instance is held."""
+        return _lock_name(self.parent_uuid.lower()) if self.parent_uuid else None
 
     @property
     def visible(self) -> str:
@@ -73,7 +82,13 @@ class Gpu:
         out: dict[str, Any] = {"index": self.index, "uuid": self.uuid}
         if self.name:
             out["name"] = self.name
+        if self.parent_uuid:
+            out["parent_uuid"] = self.parent_uuid
         return out
+
+
+def _lock_name(raw: str) -> str:
+    return re.sub(r"[^a-z0-9._-]", "_", raw)
 
 
 def _match(devices: Sequence[GpuDevice], entry: str) -> GpuDevice | None:
@@ -118,9 +133,22 @@ def resolve_pool(entries: Sequence[str]) -> list[Gpu]:
                 f"{option}: {entry!r} names no GPU on this machine (NVML sees {seen}); pass indices or "
                 f"UUIDs from that list, or 'auto'"
             )
-        gpu = Gpu(found.nvml_index, entry if entry.upper().startswith("MIG-") else found.uuid, found.name)
+        mig = entry.upper().startswith("MIG-")
+        gpu = Gpu(
+            found.nvml_index,
+            entry if mig else found.uuid,
+            found.name,
+            parent_uuid=found.uuid if mig else None,
+        )
         if any(g.key == gpu.key for g in pool):
             raise GpuError(f"{option}: {entry!r} is a GPU already in the list; name each GPU once")
+        clash = next((g for g in pool if gpu.key in (g.parent_key, g.key) or g.key == gpu.parent_key), None)
+        if clash is not None:
+            raise GpuError(
+                f"{option}: {entry!r} and {clash.uuid or clash.index!r} are a GPU and a MIG instance on it; "
+                "an engine given the whole GPU would share it with one on the instance. Name either the "
+                "GPU or its MIG instances"
+            )
         pool.append(gpu)
     return pool
 
@@ -130,7 +158,7 @@ class GpuLease:
     """GPUs held for one engine; :meth:`release` (idempotent) unlocks them."""
 
     gpus: tuple[Gpu, ...]
-    _files: list[IO[str]] = field(default_factory=list, repr=False)
+    _files: list[IO[str]] = field(default_factory=list, repr=False)  # a MIG instance: its own and its GPU's
 
     def env(self) -> dict[str, str]:
         """The engine's ``CUDA_VISIBLE_DEVICES`` (and, for bare indices, PCI bus order, so that
@@ -147,6 +175,8 @@ class GpuLease:
         files, self._files = self._files, []
         for f in files:
             with contextlib.suppress(OSError):
+                f.truncate(0)  # the note goes while the lock is still held: a note means a holder
+            with contextlib.suppress(OSError):
                 f.close()  # closing the only descriptor drops the flock
 
     @property
@@ -154,13 +184,34 @@ class GpuLease:
         return bool(self._files)
 
 
-def _try_lock(folder: Path, gpu: Gpu) -> IO[str] | None:
-    path = folder / f"gpu-{gpu.key}.lock"
-    # Opened without O_TRUNC: the holder's note stays readable until someone else holds the lock.
+def _try_lock(folder: Path, gpu: Gpu) -> list[IO[str]] | None:
+    """The GPU's lock (exclusive) and, for a MIG instance, its parent GPU's (shared), or None when
+    either is taken; the first file is the one that carries the holder's note."""
+    files: list[IO[str]] = []
+    try:
+        if gpu.parent_key is not None:
+            parent = _flock(folder / f"gpu-{gpu.parent_key}.lock", fcntl.LOCK_SH)
+            if parent is None:
+                return None
+            files.append(parent)
+        own = _flock(folder / f"gpu-{gpu.key}.lock", fcntl.LOCK_EX)
+        if own is None:
+            for f in files:
+                f.close()
+            return None
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    return [own, *files]
+
+
+def _flock(path: Path, how: int) -> IO[str] | None:
+    # Opened without O_TRUNC: the holder's note stays readable to those who wait for the lock.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     f = os.fdopen(fd, "r+")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f.fileno(), how | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         return None
@@ -171,14 +222,19 @@ def _try_lock(folder: Path, gpu: Gpu) -> IO[str] | None:
 
 
 def _holder(folder: Path, gpu: Gpu) -> str:
-    """Who holds a GPU, from the note its holder wrote into the lock file (best effort)."""
-    try:
-        note = json.loads((folder / f"gpu-{gpu.key}.lock").read_text() or "{}")
-    except (OSError, ValueError):
-        return "?"
-    if not isinstance(note, dict):
-        return "?"
-    return f"{note.get('owner', '?')} (pid {note.get('pid', '?')} on {note.get('host', '?')})"
+    """Who holds a GPU, from the note its holder wrote into the lock file (best effort). A MIG
+    instance may be taken through its GPU (someone holds the whole GPU); a whole GPU may be taken
+    by engines on its MIG instances, which write no note on it."""
+    for key in (gpu.key, gpu.parent_key):
+        if key is None:
+            continue
+        try:
+            note = json.loads((folder / f"gpu-{key}.lock").read_text() or "{}")
+        except (OSError, ValueError):
+            continue
+        if isinstance(note, dict) and note:
+            return f"{note.get('owner', '?')} (pid {note.get('pid', '?')} on {note.get('host', '?')})"
+    return "engines on its MIG instances, or ?" if gpu.parent_key is None else "?"
 
 
 def _name(gpu: Gpu) -> str:
@@ -221,27 +277,25 @@ def acquire(
     deadline = clock() + wait_s
     next_message = clock()
     while True:
-        held: list[tuple[Gpu, IO[str]]] = []
+        held: list[tuple[Gpu, list[IO[str]]]] = []
         busy: list[Gpu] = []
         try:
             for gpu in pool:
                 if len(held) == count:
                     break
-                f = _try_lock(where, gpu)
-                if f is None:
+                files = _try_lock(where, gpu)
+                if files is None:
                     busy.append(gpu)
                 else:
-                    held.append((gpu, f))
+                    held.append((gpu, files))
         except OSError as exc:
-            for _, f in held:
-                f.close()
+            _close(held)
             raise GpuError(
                 f"cannot lock GPUs in {str(where)!r}: {exc.strerror or exc}; set {LOCK_DIR_ENV} to a "
                 "writable local folder"
             ) from None
         except BaseException:
-            for _, f in held:
-                f.close()
+            _close(held)
             raise
         if len(held) == count:
             note = json.dumps(
@@ -252,15 +306,15 @@ def acquire(
                     "since_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 }
             )
-            for _, f in held:
+            for _, files in held:
                 with contextlib.suppress(OSError):
-                    f.seek(0)
-                    f.truncate()
-                    f.write(note)
-                    f.flush()
-            return GpuLease(tuple(g for g, _ in held), [f for _, f in held])
-        for _, f in held:
-            f.close()
+                    own = files[0]  # the note goes into the exclusive lock's file only
+                    own.seek(0)
+                    own.truncate()
+                    own.write(note)
+                    own.flush()
+            return GpuLease(tuple(g for g, _ in held), [f for _, files in held for f in files])
+        _close(held)
         now = clock()
         holders = "; ".join(f"{_name(g)}: {_holder(where, g)}" for g in busy)
         if now >= deadline:
@@ -275,6 +329,12 @@ def acquire(
             )
             next_message = now + WAIT_MESSAGE_EVERY_S
         time.sleep(min(POLL_S, max(0.0, deadline - now)))
+
+
+def _close(held: list[tuple[Gpu, list[IO[str]]]]) -> None:
+    for _, files in held:
+        for f in files:
+            f.close()
 
 
 @dataclass

@@ -191,6 +191,49 @@ def test_more_gpus_than_the_pool_fails_at_once(tmp_path: Path) -> None:
         acquire(fake_pool(2), 3, owner="engine for x", wait_s=600, folder=tmp_path)
 
 
+def test_mig_instances_share_their_gpu_but_exclude_the_whole_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sessions on two MIG instances of one GPU run side by side; a session given the whole GPU
+    waits for both (and they for it), whichever came first."""
+    from harness_fixtures.metrics.nvml import GpuDevice
+    from harness_fixtures.servers import gpus
+
+    device = GpuDevice(0, "GPU-parent", None, "H100", ("MIG-a", "MIG-b"))
+    monkeypatch.setattr(gpus, "inventory", lambda: ([device], None))
+    mig_a, mig_b = resolve_pool(["MIG-a"]), resolve_pool(["MIG-b"])
+    whole = resolve_pool(["0"])
+    assert mig_a[0].parent_uuid == "GPU-parent" and whole[0].parent_uuid is None
+    a = acquire(mig_a, 1, owner="a", wait_s=0, folder=tmp_path)
+    b = acquire(mig_b, 1, owner="b", wait_s=0, folder=tmp_path)  # another instance: no wait
+    assert a.env() == {"CUDA_VISIBLE_DEVICES": "MIG-a"}
+    with pytest.raises(GpuError, match="no 1 free GPUs"):
+        acquire(whole, 1, owner="whole", wait_s=0, folder=tmp_path)
+    a.release()
+    with pytest.raises(GpuError):
+        acquire(whole, 1, owner="whole", wait_s=0, folder=tmp_path)  # b still runs on it
+    b.release()
+    held = acquire(whole, 1, owner="whole", wait_s=0, folder=tmp_path)
+    with pytest.raises(GpuError, match="GPU 0: whole"):
+        acquire(mig_a, 1, owner="a again", wait_s=0, folder=tmp_path)
+    held.release()
+    again = acquire(mig_a, 1, owner="a again", wait_s=0, folder=tmp_path)
+    assert again.held
+    again.release()
+
+
+def test_a_pool_naming_a_gpu_and_its_mig_instance_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness_fixtures.metrics.nvml import GpuDevice
+    from harness_fixtures.servers import gpus
+
+    device = GpuDevice(0, "GPU-parent", None, "H100", ("MIG-a",))
+    monkeypatch.setattr(gpus, "inventory", lambda: ([device], None))
+    with pytest.raises(GpuError, match="are a GPU and a MIG instance on it"):
+        resolve_pool(["0", "MIG-a"])
+    with pytest.raises(GpuError, match="are a GPU and a MIG instance on it"):
+        resolve_pool(["MIG-a", "GPU-parent"])
+
+
 # -- the engine manager ---------------------------------------------------------------------------
 class RecordingLauncher:
     kind = "sim"
