@@ -115,28 +115,45 @@ class EngineSpec(_Strict):
 
     @model_validator(mode="after")
     def _gpus_match_parallelism(self) -> EngineSpec:
-        sizes = parallel_sizes(self.args)
-        if self.gpus is None or not sizes:
+        layout = node_layout(self.kind, self.args)  # raises on a node the suite cannot start
+        product = self._parallel_product()
+        if self.gpus is None or product is None:
             return self
-        product = 1
-        for size in sizes.values():
-            product *= size
         if product != self.gpus:
+            sizes = parallel_sizes(self.args)
             given = " × ".join(f"{flag} {size}" for flag, size in sizes.items())
+            if layout is not None and layout.local_gpus:
+                given += f" ({layout.how})"
+            where = " on the head node" if layout is not None and layout.local_gpus else ""
             raise ValueError(
-                f"engine.gpus is {self.gpus} but engine.args ask for {given} = {product} GPUs; set "
+                f"engine.gpus is {self.gpus} but engine.args ask for {given} = {product} GPUs{where}; set "
                 f"engine.gpus: {product} or change the parallel sizes so their product is {self.gpus}"
             )
         return self
 
     def gpu_count(self) -> int:
-        """GPUs this engine is given under --harness-gpus (see ``gpus``)."""
+        """GPUs this engine is given under --harness-gpus (see ``gpus``): on a multi-node engine,
+        those of the head, the node the suite starts."""
         if self.gpus is not None:
             return self.gpus
+        return self._parallel_product() or 1
+
+    def _parallel_product(self) -> int | None:
+        """The GPUs the parallel sizes ask for on this node (None: args give no size)."""
+        layout = node_layout(self.kind, self.args)
+        if layout is not None and layout.local_gpus is not None:
+            return layout.local_gpus
+        sizes = parallel_sizes(self.args)
+        if not sizes:
+            return None
         product = 1
-        for size in parallel_sizes(self.args).values():
+        for size in sizes.values():
             product *= size
         return product
+
+    def nodes(self) -> NodeLayout | None:
+        """The engine's multi-node layout, from its flags (None: one node)."""
+        return node_layout(self.kind, self.args)
 
     @model_validator(mode="after")
     def _replicas_and_urls(self) -> EngineSpec:
@@ -172,33 +189,174 @@ _PARALLEL_FLAGS: dict[str, str] = {
 }
 
 
+def _arg_pairs(args: dict[str, Any] | list[str]) -> list[tuple[str, Any]]:
+    """engine.args as (flag as written, value) pairs; a bare flag in an argv list has value True."""
+    if isinstance(args, dict):
+        return [(str(k), v) for k, v in args.items()]
+    items = [str(a) for a in args]
+    pairs: list[tuple[str, Any]] = []
+    for k, item in enumerate(items):
+        name, eq, value = item.partition("=")
+        if not name.startswith("-"):
+            continue
+        if eq:
+            pairs.append((name, value))
+        elif k + 1 < len(items) and not items[k + 1].startswith("-"):
+            pairs.append((name, items[k + 1]))
+        else:
+            pairs.append((name, True))
+    return pairs
+
+
+def _flag(key: str) -> str:
+    """A flag's canonical name: no dashes in front, dashes inside (SGLang and vLLM accept both)."""
+    return key.lstrip("-").replace("_", "-")
+
+
 def parallel_sizes(args: dict[str, Any] | list[str]) -> dict[str, int]:
     """The parallel sizes engine.args set, by flag as written: ``{"--tensor-parallel-size": 2}``.
 
     :raises ValueError: a parallel size that is not a whole number >= 1.
     """
-    pairs: list[tuple[str, Any]] = []
-    if isinstance(args, dict):
-        pairs = [(str(k), v) for k, v in args.items()]
-    else:
-        items = [str(a) for a in args]
-        for k, item in enumerate(items):
-            name, eq, value = item.partition("=")
-            if name.startswith("-"):
-                pairs.append((name, value if eq else (items[k + 1] if k + 1 < len(items) else None)))
     sizes: dict[str, int] = {}
-    for key, value in pairs:
-        if _PARALLEL_FLAGS.get(key.lstrip("-").replace("_", "-")) is None:
+    for key, value in _arg_pairs(args):
+        if _PARALLEL_FLAGS.get(_flag(key)) is None:
             continue
         flag = key if key.startswith("-") else "--" + key
-        try:
-            size = int(str(value))
-        except ValueError:
-            size = 0
-        if size < 1 or isinstance(value, bool):
-            raise ValueError(f"engine.args {flag} is {value!r}; give a whole number >= 1")
-        sizes[flag] = size
+        sizes[flag] = _whole(flag, value)
     return sizes
+
+
+def _whole(flag: str, value: Any) -> int:
+    try:
+        size = int(str(value))
+    except ValueError:
+        size = 0
+    if size < 1 or isinstance(value, bool):
+        raise ValueError(f"engine.args {flag} is {value!r}; give a whole number >= 1")
+    return size
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """An engine that spans machines, as its own flags describe it. The suite starts the head, the
+    node that serves HTTP, and waits for it; the user starts the other nodes (docs: README, scaling)."""
+
+    nodes: int | None  # machines the engine spans; None: Ray's cluster decides
+    how: str  # which multi-node mode, in the engine's words
+    rendezvous: str | None  # where the other nodes join the head
+    others: str  # how the user starts the other nodes
+    local_gpus: int | None  # GPUs of this node the head uses (its CUDA_VISIBLE_DEVICES), when known
+
+
+def node_layout(kind: str, args: dict[str, Any] | list[str]) -> NodeLayout | None:
+    """The multi-node layout engine.args ask for (None: one node).
+
+    - SGLang: ``--nnodes N --node-rank 0 --dist-init-addr HOST:PORT``; tp × pp spread over N nodes.
+    - vLLM, multiprocessing across nodes: ``--nnodes N --node-rank 0 --master-addr HOST``; the
+      other nodes run ``--headless`` with their rank.
+    - vLLM, data parallel across nodes: ``--data-parallel-size D --data-parallel-size-local L
+      --data-parallel-address HOST``; the others run ``--headless --data-parallel-start-rank K``.
+    - vLLM with ``--distributed-executor-backend ray``: Ray's cluster places the workers.
+
+    :raises ValueError: the flags make this a node other than the head (which serves no HTTP), or
+        leave out where the other nodes join; the message names the flag and the fix.
+    """
+    flags = {_flag(k): v for k, v in _arg_pairs(args)}
+    sizes = parallel_sizes(args)
+    world = model = 1  # every parallel size; without data parallel (one model copy)
+    for flag, size in sizes.items():
+        world *= size
+        if _PARALLEL_FLAGS[_flag(flag)] != "data":
+            model *= size
+    nnodes = _whole("--nnodes", flags["nnodes"]) if "nnodes" in flags else 1
+    rank = flags.get("node-rank", 0)
+    if nnodes > 1 and str(rank) != "0":
+        raise ValueError(
+            f"engine.args node-rank is {rank!r}: the suite starts the head (node rank 0), the node that "
+            f"serves HTTP; start ranks 1..{nnodes - 1} yourself on the other nodes and drop node-rank here"
+        )
+    if kind == "sglang" and nnodes > 1:
+        addr = flags.get("dist-init-addr")
+        if not addr or addr is True:
+            raise ValueError(
+                f"engine.args nnodes is {nnodes} but dist-init-addr is missing: give the head's HOST:PORT "
+                "that the other nodes join (the same value on every node)"
+            )
+        return NodeLayout(
+            nodes=nnodes,
+            how=f"SGLang across {nnodes} nodes",
+            rendezvous=str(addr),
+            others=f"on each other node run the same launch_server command with --node-rank 1..{nnodes - 1}",
+            local_gpus=_per_node(world, nnodes, "the parallel sizes"),
+        )
+    if kind != "vllm":
+        return None
+    if flags.get("headless") not in (None, False):
+        raise ValueError(
+            "engine.args headless: a headless vLLM serves no HTTP, so the suite cannot benchmark it; the "
+            "suite starts the head, run the headless nodes yourself and drop headless here"
+        )
+    start = flags.get("data-parallel-start-rank", 0)
+    if str(start) != "0":
+        raise ValueError(
+            f"engine.args data-parallel-start-rank is {start!r}: that is a node after the head; the suite "
+            "starts the head (start rank 0), run the other nodes yourself and drop it here"
+        )
+    if nnodes > 1:
+        addr = flags.get("master-addr")
+        if not addr or addr is True:
+            raise ValueError(
+                f"engine.args nnodes is {nnodes} but master-addr is missing: give the head's address that "
+                "the other nodes join (with master-port if not the default)"
+            )
+        return NodeLayout(
+            nodes=nnodes,
+            how=f"vLLM across {nnodes} nodes (multiprocessing)",
+            rendezvous=f"{addr}:{flags['master-port']}" if "master-port" in flags else str(addr),
+            others=f"on each other node run the same vllm serve command with --headless --node-rank "
+            f"1..{nnodes - 1}",
+            local_gpus=_per_node(world, nnodes, "the parallel sizes"),
+        )
+    dp = next((v for f, v in sizes.items() if _PARALLEL_FLAGS[_flag(f)] == "data"), 1)
+    if "data-parallel-size-local" in flags:
+        local = _whole("--data-parallel-size-local", flags["data-parallel-size-local"])
+        if local < dp:
+            addr = flags.get("data-parallel-address")
+            if not addr or addr is True:
+                raise ValueError(
+                    f"engine.args data-parallel-size-local {local} < data-parallel-size {dp} spreads data "
+                    "parallel ranks over nodes, but data-parallel-address is missing: give the head's "
+                    "address the other nodes join"
+                )
+            port = flags.get("data-parallel-rpc-port")
+            return NodeLayout(
+                nodes=-(-dp // local),
+                how=f"vLLM data parallel {dp} across nodes, {local} on the head",
+                rendezvous=f"{addr}:{port}" if port else str(addr),
+                others="on each other node run vllm serve with --headless, its own "
+                "--data-parallel-size-local and --data-parallel-start-rank (the ranks before it)",
+                local_gpus=model * local,
+            )
+    if str(flags.get("distributed-executor-backend", "")) == "ray":
+        return NodeLayout(
+            nodes=None,
+            how="vLLM on a Ray cluster",
+            rendezvous=None,
+            others="start the Ray cluster first (ray start --head here, ray start --address=HEAD:6379 on "
+            "each other node); Ray places vLLM's workers on its nodes",
+            local_gpus=None,
+        )
+    return None
+
+
+def _per_node(world: int, nodes: int, what: str) -> int:
+    if world % nodes:
+        raise ValueError(
+            f"engine.args spread {what}, {world} GPUs, over nnodes {nodes}, which does not divide them; "
+            "give sizes whose product is a multiple of nnodes"
+        )
+    return world // nodes
 
 
 def url_problem(url: str) -> str | None:

@@ -112,11 +112,14 @@ def wait_healthy(
     log_path: Path | None,
     timeout_s: float,
     http: HttpConfig | Mapping[str, str] | None = None,
+    waiting_for: str = "",
 ) -> None:
     """Poll /health then /v1/models until ready; fail at once if the process exits.
 
     :param http: the session's HTTP configuration (headers, credentials, proxies, TLS), the same one
         the streaming client and the /metrics scraper use.
+    :param waiting_for: what else readiness depends on (a multi-node engine's other nodes), said
+        when the deadline passes.
     """
     try:
         config = _config(http)
@@ -167,8 +170,10 @@ def wait_healthy(
             raise EngineError(str(exc)) from None
         if time.monotonic() > deadline:
             raise EngineError(
-                f"engine not healthy after {timeout_s:g} s (last: {last}); raise engine.start_timeout_s "
-                f"if it is just slow; last log lines ({log_path}):\n{log_tail(log_path)}"
+                f"engine not healthy after {timeout_s:g} s (last: {last}); "
+                + (f"{waiting_for}; " if waiting_for else "")
+                + f"raise engine.start_timeout_s if it is just slow; last log lines ({log_path}):\n"
+                f"{log_tail(log_path)}"
             )
         time.sleep(0.25)
 

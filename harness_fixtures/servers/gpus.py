@@ -362,6 +362,14 @@ def check_gpu_needs(pool: GpuAllocator, cases: list[BenchmarkCase], server_url: 
                 f"{case.source}: engine.env sets CUDA_VISIBLE_DEVICES, but --harness-gpus assigns the "
                 "engine's GPUs; remove it from engine.env (and say engine.gpus: N) or drop --harness-gpus"
             )
+        layout = case.engine.nodes()
+        if layout is not None and layout.local_gpus is None:
+            raise GpuError(
+                f"{case.source}: {case.name} runs {layout.how}, and Ray, not CUDA_VISIBLE_DEVICES, places "
+                "its workers on GPUs, so --harness-gpus cannot give it a set; start Ray on the GPUs it may "
+                "use (ray start --num-gpus N, or CUDA_VISIBLE_DEVICES before ray start) and drop "
+                "--harness-gpus, or deselect its tests"
+            )
         # every replica holds its own set for the engines' life: they must all fit at once
         need = case.engine.gpu_count() * max(1, case.engine.replicas)
         if need > len(pool.pool):

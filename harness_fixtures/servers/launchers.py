@@ -82,7 +82,9 @@ class ProcessLauncher:
                     gpu_env=dict(ctx.gpu_env),
                 )
                 ep.headers = http.headers_for(ep.server_url())
-                wait_healthy(proc, base_url, ep.served_model, log_path, spec.start_timeout_s, http)
+                wait_healthy(
+                    proc, base_url, ep.served_model, log_path, spec.start_timeout_s, http, _waiting_for(ctx)
+                )
                 ep.version = fetch_version(base_url, http)
             except EngineError as exc:
                 _stop(proc, log_path, spec.stop_timeout_s)
@@ -108,6 +110,19 @@ class ProcessLauncher:
     def stop(self, endpoint: Endpoint) -> None:
         code = _stop(endpoint.process, endpoint.log_path, endpoint.info.get("stop_timeout_s", 20.0))
         endpoint.info["exit_code"] = code
+
+
+def _waiting_for(ctx: LaunchContext) -> str:
+    """A multi-node engine's head answers only once its other nodes have joined: say which, where."""
+    try:
+        layout = ctx.case.engine.nodes()
+    except ValueError:
+        return ""  # refused when the case was loaded; nothing to add here
+    if layout is None:
+        return ""
+    where = f" at {layout.rendezvous}" if layout.rendezvous else ""
+    count = f"all {layout.nodes} nodes have" if layout.nodes else "the cluster has"
+    return f"{layout.how}: the head serves only once {count} joined{where}; {layout.others}"
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, log_path: Path | None, grace_s: float) -> int | None:
