@@ -155,3 +155,44 @@ def test_sharded_run_on_fake_gpus_records_and_gives_each_engine_its_gpus(
         # and the NVML collector watched exactly those GPUs
         res = yaml.safe_load((session / f"{name}_offline" / "result.yaml").read_text())
         assert [w["nvml_index"] for w in res["telemetry"]["gpu"]["watched"]] == want
+
+
+@pytest.mark.slow
+def test_four_xdist_workers_on_eight_fake_gpus_never_share_one(harness_project: HarnessProject) -> None:
+    """``-n 4 --harness-gpus auto`` with four models of ``gpus: 2``: every engine gets two GPUs, and
+    two tests whose engines ran at the same time always had disjoint GPUs (the engines' logs say
+    what CUDA_VISIBLE_DEVICES they saw)."""
+    import datetime as dt
+    import itertools
+
+    names = ("alpha", "bravo", "charlie", "delta")
+    for name in names:
+        harness_project.model(name, ("Offline", "Server"), engine={**_engine(), "gpus": 2})
+    result = harness_project.run("-n", "4", "--harness-gpus", "auto", timeout=420)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-3000:]
+    result.stdout.fnmatch_lines(["*4 workers [[]8 items[]]*"])
+    (session,) = harness_project.session_dirs()
+    runs: list[tuple[str, frozenset[str], float, float]] = []
+    for name in names:
+        log = (session / f"engine-{name}" / "engine.log").read_text()
+        for scenario in ("offline", "server"):
+            meta = yaml.safe_load((session / f"{name}_{scenario}" / "metadata.yaml").read_text())
+            uuids = [g["uuid"] for g in meta["engine"]["gpus"]]
+            assert len(uuids) == 2
+            assert f"CUDA_VISIBLE_DEVICES={','.join(uuids)!r}" in log  # what the engine really saw
+            start, end = (
+                dt.datetime.fromisoformat(meta[k]).timestamp() for k in ("started_utc", "finished_utc")
+            )
+            runs.append((name, frozenset(uuids), start, end))
+    together = 0
+    for (m1, g1, s1, e1), (m2, g2, s2, e2) in itertools.combinations(runs, 2):
+        if m1 != m2 and s1 < e2 and s2 < e1:  # two engines up at the same time
+            together += 1
+            assert not g1 & g2, (m1, sorted(g1), m2, sorted(g2))
+    assert together > 0  # the workers did run side by side, so the check above had something to check
+
+
+def _engine() -> dict[str, object]:
+    from support import TINY_SIM
+
+    return {"kind": "sim", "start_timeout_s": 60, "stop_timeout_s": 5, "sim": TINY_SIM}
