@@ -94,6 +94,30 @@ def test_record_holds_params_metrics_tags_and_a_stable_result_id(tmp_path: Path)
     assert rec.tags["harness.session_id"] == parent.result_id
 
 
+def test_each_endpoint_of_a_replicated_run_gets_its_own_metrics(tmp_path: Path) -> None:
+    from harness_fixtures.results import EndpointStats
+
+    endpoints = [
+        EndpointStats(index=0, url="http://127.0.0.1:1", queries=10, share=0.5, ttft_ms_p99=80.0),
+        EndpointStats(
+            index=1,
+            url="http://127.0.0.1:2",
+            queries=10,
+            share=0.5,
+            failures=3,
+            ttft_ms_p99=95.5,
+            engine_window={"generation_tokens": 640},
+        ),
+    ]
+    res, md = _result_and_metadata(tmp_path, endpoints=endpoints)
+    rec = build_record(res, md)
+    assert rec.metrics["endpoints.0.ttft_ms_p99"] == 80.0
+    assert rec.metrics["endpoints.1.failures"] == 3
+    assert rec.metrics["endpoints.1.share"] == 0.5
+    assert rec.metrics["endpoints.1.engine_window.generation_tokens"] == 640
+    assert not any(k.startswith("endpoints.") and k.endswith(".index") for k in rec.metrics)
+
+
 def test_credentials_never_reach_params_or_tags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", TOKEN)
     res, md = _result_and_metadata(tmp_path, reason=f"server said {TOKEN}")

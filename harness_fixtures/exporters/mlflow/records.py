@@ -275,8 +275,15 @@ def build_record(
             rec.params[_key(k)] = scrub(_text(v))[:MAX_PARAM_CHARS]
     telemetry = result.get("telemetry") or {}
     for k, v in result.items():
-        if k not in NOT_METRICS and k != "telemetry":
+        if k not in NOT_METRICS and k not in ("telemetry", "endpoints"):
             _flatten_numbers(v, k, rec.metrics)
+    # A run over several endpoints: each one's numbers under its index (endpoints.1.ttft_ms_p99), so
+    # MLflow can chart one replica against the others across runs.
+    for ep in result.get("endpoints") or []:
+        if isinstance(ep, dict) and isinstance(ep.get("index"), int):
+            _flatten_numbers(
+                {k: v for k, v in ep.items() if k != "index"}, f"endpoints.{ep['index']}", rec.metrics
+            )
     # telemetry.summary.engine.running.mean → telemetry.engine.running.mean
     _flatten_numbers(
         {**telemetry, **(telemetry.get("summary") or {}), "summary": None}, "telemetry", rec.metrics
