@@ -44,6 +44,7 @@ from .gating import (
     stable_args,
 )
 from .loadgen.capacity import (
+    MAX_CONFIRMATIONS,
     CapacitySearch,
     Limits,
     constraint_checks,
@@ -52,6 +53,7 @@ from .loadgen.capacity import (
     load_store,
     probe_margins,
     save_capacity,
+    step_down,
     store_key,
 )
 from .loadgen.child import ChildOutcome, run_child
@@ -86,6 +88,7 @@ from .results import (
     AccuracyResult,
     BaselineComparison,
     BenchmarkResult,
+    CapacityConfirmation,
     CapacityProbe,
     CapacityResult,
     ComplianceResult,
@@ -110,6 +113,7 @@ from .servers.process import LOG_TAIL_LINES
 
 log = logging.getLogger("harness_fixtures")
 CAPACITY_STORE = "capacity.yaml"  # in the output dir: the capacity last found per model, engine, hardware
+RESEED = 0x5EED  # schedule seeds of capacity re-probes: this plus how often the load was probed before
 
 ProgressTick = Callable[[float], None]
 
@@ -393,34 +397,8 @@ class _TestRun:
             log.info("%s: %s", self.p.test_id, rate.reason)
             spec = spec.model_copy(update={"target_qps": rate.value})
             result = self._attempt(spec, dataset, rate, entries)
-        if (
-            rate is not None
-            and rate.source == "capacity search"
-            and rate.value is not None
-            and result.status == "INVALID"
-            and result.queries.failed == 0
-        ):
-            # The load found sits within the search's precision of the limit; a full run there can
-            # still fail LoadGen's early stopping. One more confirmation, a step further below.
-            self._keep_attempt("confirmation-1")
-            earlier.append(
-                {
-                    "dir": str(self.test_dir / "confirmation-1"),
-                    "server_target_qps": rate.value,
-                    "status": result.status,
-                    "reason": result.reason,
-                }
-            )
-            lower = round(rate.value * (1 - 2 * self.opts.capacity_precision_pct / 100), 6)
-            rate = rate.model_copy(
-                update={
-                    "value": lower,
-                    "attempts": rate.attempts + 1,
-                    "reason": f"{rate.reason}; the full run there was INVALID, confirmed at "
-                    f"{lower:.4g} QPS (2 × the precision lower)",
-                }
-            )
-            result = self._attempt(spec.model_copy(update={"target_qps": lower}), dataset, rate, entries)
+        if rate is not None and rate.source == "capacity search" and self._capacity is not None:
+            result, rate = self._confirm_capacity(spec, dataset, rate, entries, result, earlier, user_conf)
         if earlier and result.rate is not None:
             result.rate.earlier_attempts = earlier
         if self.p.mode == "performance" and self.p.scenario == "Offline":
@@ -434,6 +412,73 @@ class _TestRun:
         elif self.opts.submission_dir is not None and result.status in FINISHED:
             result = self._submission_runs(dataset, result)
         return self._finish(result)
+
+    def _confirm_capacity(
+        self,
+        spec: RunSpec,
+        dataset: Dataset,
+        rate: RateChoice,
+        entries: list[ConfEntry],
+        result: BenchmarkResult,
+        earlier: list[dict[str, Any]],
+        user_conf: Path,
+    ) -> tuple[BenchmarkResult, RateChoice]:
+        """The full-length runs after a capacity search: the test's run at the load found and, while
+        it is INVALID with every request answered, up to ``MAX_CONFIRMATIONS`` − 1 more, each at a
+        load the INVALID ones point to (loadgen.capacity.step_down). The last is the test's result;
+        every one is in ``capacity.confirmations`` and the earlier ones' files in confirmation-<n>/."""
+        assert self._capacity is not None and rate.value is not None
+        precision = self.opts.capacity_precision_pct / 100
+        runs: list[CapacityConfirmation] = []
+        chosen = "the load the probes found"
+        while True:
+            runs.append(self._confirmation(rate.value, result, chosen))
+            if result.status != "INVALID" or result.queries.failed or len(runs) >= MAX_CONFIRMATIONS:
+                break
+            n = len(runs)
+            self._keep_attempt(f"confirmation-{n}")
+            runs[-1] = runs[-1].model_copy(update={"dir": self._rel(self.test_dir / f"confirmation-{n}")})
+            earlier.append(
+                {
+                    "dir": runs[-1].dir,
+                    "server_target_qps": rate.value,
+                    "status": result.status,
+                    "reason": result.reason,
+                }
+            )
+            full = [(r.qps, r.margin) for r in runs if r.margin is not None]
+            qps, chosen = step_down(full or [(rate.value, math.inf)], self._capacity.probes, precision)
+            self.events.message(
+                f"[harness] {self.p.test_id}: the full run at {rate.value:.4g} QPS was INVALID; "
+                f"next at {qps:.4g} QPS ({chosen})"
+            )
+            rate = rate.model_copy(
+                update={
+                    "value": qps,
+                    "attempts": rate.attempts + 1,
+                    "reason": f"{rate.reason}; full run {n} at {rate.value:.4g} QPS was INVALID, so "
+                    f"{qps:.4g} QPS: {chosen}",
+                }
+            )
+            result = self._attempt(spec.model_copy(update={"target_qps": qps}), dataset, rate, entries)
+        confirmed = rate.value if result.status == "VALID" else None
+        self._capacity = self._capacity.model_copy(update={"confirmations": runs, "confirmed_qps": confirmed})
+        if confirmed is not None:
+            limits, _ = self._limits(user_conf)
+            self._store_capacity(limits, self._capacity)
+        return result, rate
+
+    def _confirmation(self, qps: float, result: BenchmarkResult, chosen: str) -> CapacityConfirmation:
+        """One full-length run of the confirmation: its verdict and margins (the last run's checks)."""
+        margins = {c.name: c.margin for c in self._checks}
+        return CapacityConfirmation(
+            qps=qps,
+            status=result.status,
+            ttft_margin=margins.get("ttft"),
+            tpot_margin=margins.get("tpot"),
+            chosen=chosen,
+            dir=".",
+        )
 
     def _submission_runs(self, dataset: Dataset, result: BenchmarkResult) -> BenchmarkResult:
         """What an MLPerf submission needs besides the performance run, each in its own folder:
@@ -581,12 +626,15 @@ class _TestRun:
 
         def probe(qps: float) -> CapacityProbe:
             n = len(search.probes) + 1
+            again = sum(1 for p in search.probes if p.qps == qps)
             spec = base.model_copy(
                 update={
                     "out_dir": str(self.test_dir / "capacity" / f"probe-{n:02d}"),
                     "target_qps": qps,
                     "min_duration_ms": duration_ms,
                     "min_query_count": queries,
+                    # A second look at a load sees other arrivals: LoadGen's seed would replay the first.
+                    "schedule_seed": RESEED + again if again else None,
                 }
             )
             assert self.endpoint is not None
@@ -631,19 +679,7 @@ class _TestRun:
                 f"capacity search: {found.stopped_because} ({len(found.probes)} probes up to "
                 f"{upper:.4g} QPS; {self.test_dir / 'capacity'})"
             )
-        with contextlib.suppress(OSError):
-            save_capacity(
-                self.opts.output_dir / CAPACITY_STORE,
-                self._capacity_key(limits),
-                {
-                    "found_qps": found.found_qps,
-                    "binding_constraint": found.binding_constraint,
-                    "precision": found.precision,
-                    "session": self.test_dir.parent.name,
-                    "test_id": self.p.test_id,
-                    "found_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
-                },
-            )
+        self._store_capacity(limits, found)
         return RateChoice(
             setting="server_target_qps",
             value=found.found_qps,
@@ -656,6 +692,25 @@ class _TestRun:
             measured_from="capacity",
             measured_samples_per_s=upper,
         )
+
+    def _store_capacity(self, limits: Limits, found: CapacityResult) -> None:
+        """Keep the capacity for ``--harness-target-qps auto``: the confirmed load once there is one,
+        else what the probes found."""
+        qps = found.confirmed_qps or found.found_qps
+        with contextlib.suppress(OSError):
+            save_capacity(
+                self.opts.output_dir / CAPACITY_STORE,
+                self._capacity_key(limits),
+                {
+                    "found_qps": qps,
+                    "confirmed": found.confirmed_qps is not None,
+                    "binding_constraint": found.binding_constraint,
+                    "precision": found.precision,
+                    "session": self.test_dir.parent.name,
+                    "test_id": self.p.test_id,
+                    "found_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                },
+            )
 
     def _offline_probe(self, user_conf: Path, dataset_path: Path) -> tuple[float, str]:
         """A short Offline run (``load.probe_queries`` samples) that measures the model's throughput."""

@@ -224,6 +224,23 @@ class CapacityProbe(_Model):
     diagnosis: str | None = Field(None, description="Why a failed probe failed (the diagnosis verdict).")
 
 
+class CapacityConfirmation(_Model):
+    """One full-length run after the search (``capacity.confirmations``)."""
+
+    qps: float
+    status: str
+    ttft_margin: float | None = Field(None, description="Observed TTFT at the scenario's percentile / limit.")
+    tpot_margin: float | None = Field(None, description="Observed TPOT at the scenario's percentile / limit.")
+    chosen: str = Field(description="Why this load: the probes' result, or what the INVALID runs showed.")
+    dir: str = Field(description="Its files: '.' for the test's own run, else confirmation-<n>/.")
+
+    @property
+    def margin(self) -> float | None:
+        """The binding margin: the larger of the two measured."""
+        ms = [m for m in (self.ttft_margin, self.tpot_margin) if m is not None]
+        return max(ms) if ms else None
+
+
 class CapacityResult(_Model):
     """``capacity:`` of result.yaml: what the search found and how."""
 
@@ -239,6 +256,14 @@ class CapacityResult(_Model):
     probes: list[CapacityProbe] = Field(default_factory=list)
     stopped_because: str = ""
     plot: str | None = None
+    confirmations: list[CapacityConfirmation] = Field(
+        default_factory=list,
+        description="The full-length runs at the load found and, after an INVALID one, below it; the "
+        "last is the test's result.",
+    )
+    confirmed_qps: float | None = Field(
+        None, description="The load of the last full-length run when it was VALID: the capacity to use."
+    )
 
 
 class HistogramWindow(_Model):

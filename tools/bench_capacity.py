@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                     "harness_total_wall_s": round(harness_wall, 1),
                     "confirmation": outcome.result.status,
                     "confirmation_qps": outcome.result.settings.get("target_qps"),
+                    "full_runs": len(cap.confirmations),
+                    "confirmed_qps": cap.confirmed_qps,
+                    "confirmed_ratio": round(cap.confirmed_qps / truth, 3) if cap.confirmed_qps else None,
                     "findpeak_found": fpp_found,
                     "findpeak_ratio": round(fpp_found / truth, 3) if fpp_found else None,
                     "findpeak_runs": fpp_runs,
@@ -242,16 +245,22 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nCommand: `.venv/bin/python tools/bench_capacity.py {' '.join(argv or sys.argv[1:])}`\n")
     print(
-        "| slots | truth QPS (full runs) | harness found (÷ truth) | probes | harness s (probes / total) "
-        "| confirmation | FindPeak found (÷ truth) | FindPeak runs | FindPeak s | harness ÷ FindPeak wall |"
+        "| slots | truth QPS (full runs) | probes found (÷ truth) | probes | full runs | harness confirmed "
+        "(÷ truth) | harness s (probes / total) | FindPeak found (÷ truth) | FindPeak runs | FindPeak s "
+        "| harness ÷ FindPeak wall |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fp = f"{r['findpeak_found']:.1f} ({r['findpeak_ratio']})" if r["findpeak_found"] else "none"
+        confirmed = (
+            f"VALID at {r['confirmed_qps']:.1f} ({r['confirmed_ratio']})"
+            if r["confirmed_qps"]
+            else f"{r['confirmation']} at {r['confirmation_qps']}"
+        )
         print(
             f"| {r['batch']} | {r['truth_qps']} ({r['truth_runs']}) | {r['harness_found']:.1f} "
-            f"({r['harness_ratio']}) | {r['harness_probes']} | {r['harness_probes_wall_s']} / "
-            f"{r['harness_total_wall_s']} | {r['confirmation']} at {r['confirmation_qps']} | {fp} | "
+            f"({r['harness_ratio']}) | {r['harness_probes']} | {r['full_runs']} | {confirmed} | "
+            f"{r['harness_probes_wall_s']} / {r['harness_total_wall_s']} | {fp} | "
             f"{r['findpeak_runs']} | {r['findpeak_wall_s']} | {r['wall_ratio']} |"
         )
     return 0

@@ -21,6 +21,12 @@ alone:
    neighbours' prediction is surer than the probe's own margin and than the precision asked for; a
    load probed twice passes by majority, a tie by its mean margin.
 
+4. confirm: a full-length run at the load found. A short probe starts with an empty queue and
+   rarely sees the congestion episodes a full run at the same load contains, so near the limit it
+   is optimistic; a full run that is INVALID is evidence, not only a verdict. The next full run's
+   load comes from it (:func:`step_down`): from its margin and the probes' slope after the first,
+   from the line through the two full runs after the second, each aiming a little below the limit.
+
 LoadGen's own FindPeakPerformance mode doubles the load until a full-length run fails and then
 bisects to an absolute 0.1 QPS, with no second look at a noisy verdict; tools/bench_capacity.py
 compares the two.
@@ -51,6 +57,12 @@ MIN_STEP, MAX_STEP = 1.1, 2.0  # how far one bracketing step may move the load (
 GIVE_UP_FRACTION = 1 / 64  # failing below this share of the upper bound: no load passes
 NEAR_LIMIT = 0.2  # |log margin| below this: a verdict noise could have flipped
 EDGE = 0.25  # an interpolated probe stays this share of the bracket away from either end
+# A full run's reciprocal margin falls with load less steeply than the probes' near the limit (their
+# curve is a cliff where a full run's is a slope: tools/bench_capacity.py measured relative slopes of
+# 2.4, 4.0 and 6.0 for full runs where the probes showed 2.4, 8 and 17). The first step down uses the
+# probes' slope bounded to this range, the low end stepping further.
+STEP_SLOPE = (2.0, 4.0)
+MAX_CONFIRMATIONS = 3  # full-length runs after a search: at the load found and up to two steps down
 
 
 @dataclass(frozen=True)
@@ -357,6 +369,67 @@ class CapacitySearch:
             probes=list(self.probes),
             stopped_because=reason,
         )
+
+
+def step_down(
+    full_runs: Sequence[tuple[float, float]], probes: Sequence[CapacityProbe], precision: float
+) -> tuple[float, str]:
+    """The load of the next full-length run after INVALID ones, and how it was chosen.
+
+    :param full_runs: (load, binding margin) of each full run so far, all INVALID.
+    :param probes: the search's probes, for the slope when there is one full run.
+    :param precision: the search's relative precision: the aim is (1 + precision / 2) in reciprocal
+        margin after one full run, (1 + 2 × precision) after two (the line through two full runs
+        overestimates where the curve bends), and every step goes at least precision / 2 below the
+        lowest INVALID load and at most halves it.
+
+    The reciprocal margin y = limit / observed is about linear in load near the limit (see
+    ``CapacitySearch._interpolate``). With two full runs the line through them crosses the aim; with
+    one, the line through it with the probes' relative slope (q · dy/dq where their isotonic fit
+    crosses 1, bounded to :data:`STEP_SLOPE`).
+    """
+    runs = sorted((q, 1 / m) for q, m in full_runs if m > 0 and math.isfinite(m))
+    if not runs:
+        lowest = min(q for q, _ in full_runs)
+        return lowest * (1 - 2 * precision), "no margin measured: 2 × the precision lower"
+    q0, y0 = runs[0]
+    how = ""
+    guess = None
+    if len(runs) >= 2:
+        q1, y1 = runs[1]
+        aim = 1 + 2 * precision
+        if y0 > y1 and q1 > q0:
+            slope = (y0 - y1) / (q1 - q0)
+            guess = q0 - (aim - y0) / slope
+            how = (
+                f"the line through the full runs at {q0:.4g} and {q1:.4g} QPS (margins {1 / y0:.3g}, "
+                f"{1 / y1:.3g}) reaches {1 / aim:.3g} of the limit there"
+            )
+    if guess is None:
+        aim = 1 + precision / 2
+        rel = probe_slope(probes)
+        lo, hi = STEP_SLOPE
+        rel = lo if rel is None else min(hi, max(lo, rel))
+        guess = q0 * (1 - (aim - y0) / rel)
+        how = (
+            f"the full run at {q0:.4g} QPS had {1 / y0:.3g}× the limit; with the probes' slope "
+            f"({rel:.2g}, bounded to {lo:g}–{hi:g}) {1 / aim:.3g} of the limit is there"
+        )
+    bounded = min(q0 * (1 - precision / 2), max(q0 / 2, guess))
+    if bounded != guess:
+        how += f" (kept within {100 * precision / 2:g} %–50 % below {q0:.4g} QPS)"
+    return round(bounded, 6), how
+
+
+def probe_slope(probes: Sequence[CapacityProbe]) -> float | None:
+    """The probes' relative slope of the reciprocal margin, −q · dy/dq, where their isotonic fit
+    crosses 1 (None: it does not)."""
+    points = [(p.qps, -1 / m) for p in probes if math.isfinite(m := margin_of(p)) and m > 0]
+    fit = [(x, -y) for x, y in isotonic(points)]
+    for (x0, y0), (x1, y1) in itertools.pairwise(fit):
+        if y0 >= 1.0 > y1 and x1 > x0:
+            return (y0 - y1) / (x1 - x0) * (x0 + x1) / 2
+    return None
 
 
 def store_key(

@@ -26,6 +26,11 @@ class RunSpec(BaseModel):
     )
     min_duration_ms: int | None = None
     min_query_count: int | None = None
+    schedule_seed: int | None = Field(
+        None,
+        description="LoadGen's schedule RNG seed instead of mlperf.conf's: a capacity re-probe at a load "
+        "already probed gets its own arrivals (with the same seed it would replay the same ones).",
+    )
     test_timeout_s: float = Field(7200.0, description="The parent stops the child after this long.")
     warmup: bool = True
     metrics_paths: list[str] = Field(

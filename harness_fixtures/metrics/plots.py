@@ -717,14 +717,18 @@ def write_plots(
 
 def write_capacity_plot(path: Path, capacity: CapacityResult, limits: Any) -> str | None:
     """The capacity search's probes: load against TTFT and TPOT at the percentile each was judged at,
-    with the limits, each probe's verdict and the load found. Never raises (a missing figure loses no
-    data)."""
+    with the limits, each probe's verdict and the load found; then the full-length runs after it
+    (squares, at the scenario's percentile) and the load confirmed. Never raises (a missing figure
+    loses no data)."""
     try:
-        fig, axes = _new_figure(
-            f"Capacity search: {len(capacity.probes)} probes, found "
-            + (f"{capacity.found_qps:.4g} QPS" if capacity.found_qps else "no passing load"),
-            2,
+        title = f"Capacity search: {len(capacity.probes)} probes, found " + (
+            f"{capacity.found_qps:.4g} QPS" if capacity.found_qps else "no passing load"
         )
+        if capacity.confirmations:
+            title += f"; {len(capacity.confirmations)} full run(s), " + (
+                f"VALID at {capacity.confirmed_qps:.4g} QPS" if capacity.confirmed_qps else "none VALID"
+            )
+        fig, axes = _new_figure(title, 2)
         judged = sorted({p.percentile for p in capacity.probes if p.percentile is not None})
         # Probes are judged at the percentile a full run's early stopping demands at their load (a little
         # above the scenario's); the limit line is the scenario's.
@@ -742,10 +746,23 @@ def write_capacity_plot(path: Path, capacity: CapacityResult, limits: Any) -> st
                 ]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"probe: {verdict}")
+            for valid, color in ((True, "tab:green"), (False, "tab:red")):
+                full = [
+                    (r.qps, m * limit)
+                    for r in capacity.confirmations
+                    if (r.status == "VALID") == valid
+                    and (m := getattr(r, f"{name}_margin")) is not None
+                    and limit
+                ]
+                if full:
+                    label = f"full run: {'VALID' if valid else 'INVALID'} (p{limits.percentile * 100:g})"
+                    ax.plot(*zip(*full, strict=True), "s", color=color, markerfacecolor="none", label=label)
             if limit:
                 ax.axhline(limit, color="black", linestyle="--", label=f"limit {limit:g} ms")
             if capacity.found_qps:
-                ax.axvline(capacity.found_qps, color="tab:blue", linestyle=":", label="found")
+                ax.axvline(capacity.found_qps, color="tab:blue", linestyle=":", label="found by the probes")
+            if capacity.confirmed_qps:
+                ax.axvline(capacity.confirmed_qps, color="tab:green", linestyle="-.", label="confirmed")
             _finish(
                 ax,
                 f"{name.upper()} {at} per probe, projected to the full run's length",
@@ -753,7 +770,7 @@ def write_capacity_plot(path: Path, capacity: CapacityResult, limits: Any) -> st
                 xlabel=ax is axes[1],
             )
             _legend(ax)
-        axes[1].set_xlabel("probe load (QPS)")
+        axes[1].set_xlabel("load (QPS)")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=DPI)
         return str(path)

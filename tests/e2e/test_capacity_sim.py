@@ -77,11 +77,16 @@ def test_search_finds_the_boundary_of_a_known_capacity_and_confirms_it(
     # The confirmation is a full run at the load found, with the user's settings: the test's result.
     assert result.status == "VALID", (result.reason, result.diagnosis)
     assert result.rate is not None and result.rate.source == "capacity search"
-    # At the load found, or one confirmation 2 × the precision lower when the first missed early stopping.
-    confirmed = result.settings["target_qps"]
-    assert confirmed == pytest.approx(cap.found_qps) or confirmed == pytest.approx(
-        cap.found_qps * 0.9, rel=1e-4
-    )
+    # At the load found, or, after INVALID full runs, each step below the last: every one recorded,
+    # the earlier ones INVALID with their files kept, the last one the test's own run.
+    runs = cap.confirmations
+    assert 1 <= len(runs) <= 3 and runs[0].qps == pytest.approx(cap.found_qps), runs
+    assert result.settings["target_qps"] == pytest.approx(runs[-1].qps)
+    assert cap.confirmed_qps == runs[-1].qps and runs[-1].status == "VALID" and runs[-1].dir == "."
+    for n, run in enumerate(runs[:-1], 1):
+        assert run.status == "INVALID" and run.dir == f"confirmation-{n}" and run.margin is not None
+        assert (tmp_path / "known" / run.dir / "requests.jsonl").is_file()
+        assert runs[n].qps < run.qps
     assert Path(str(cap.plot)).is_file()
 
     # --harness-target-qps auto reuses it: same model, engine, hardware and limits, no new search.
@@ -91,7 +96,7 @@ def test_search_finds_the_boundary_of_a_known_capacity_and_confirms_it(
         request_timeout_s=30, test_timeout_s=120, output_dir=tmp_path / "out", output_dir_explicit=True,
     ).result  # fmt: skip
     assert reused.rate is not None and reused.rate.source == "stored capacity", reused.rate
-    assert reused.rate.value == cap.found_qps and reused.capacity is None
+    assert reused.rate.value == cap.confirmed_qps and reused.capacity is None
     assert not (tmp_path / "auto" / "capacity").exists()
 
     # The truth: a grid of runs as long as a full one here (1 s, 150 queries) at ~6 % steps of the upper

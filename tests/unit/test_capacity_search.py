@@ -13,12 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness_fixtures.loadgen.capacity import (
+    STEP_SLOPE,
     CapacitySearch,
     Limits,
     drift,
     early_stopping_percentile,
     isotonic,
     probe_margins,
+    probe_slope,
+    step_down,
 )
 from harness_fixtures.results import CapacityProbe
 
@@ -242,3 +245,69 @@ def test_a_probe_whose_latency_climbs_is_judged_at_the_full_runs_length() -> Non
             probe_margins(steady, limits, 0.9)["ttft"], abs=0.02
         )
     assert probe_margins(climbing, limits, 0.9, full_s=1.0) == probe_margins(climbing, limits, 0.9)
+
+
+# -- after an INVALID full-length run ---------------------------------------------------------------
+def _probes(points: list[tuple[float, float]]) -> list[CapacityProbe]:
+    return [
+        CapacityProbe(qps=q, ttft_margin=m, verdict="pass" if m <= 1 else "fail", duration_s=1)
+        for q, m in points
+    ]
+
+
+# The probes of a 2-slot simulator on the project machine (tools/bench_capacity.py): a slope where the
+# fit crosses 1 of 5.7, bounded to STEP_SLOPE's 4.
+PROBES_2_SLOTS = _probes(
+    [(19.72, 0.56), (24.77, 0.79), (27.76, 0.87), (30.27, 0.965), (31.11, 1.14), (35.11, 1.26)]
+)
+
+
+def test_probe_slope_is_the_relative_slope_where_the_fit_crosses_one() -> None:
+    slope = probe_slope(PROBES_2_SLOTS)
+    assert slope is not None
+    y0, y1 = 1 / 0.965, 1 / 1.14
+    assert slope == pytest.approx((y0 - y1) / (31.11 - 30.27) * (30.27 + 31.11) / 2)
+    assert probe_slope(_probes([(10, 0.5), (20, 0.8)])) is None  # never crosses: no slope
+
+
+def test_one_invalid_full_run_steps_down_by_its_margin_and_the_bounded_probe_slope() -> None:
+    lo, hi = STEP_SLOPE
+    qps, how = step_down([(30.27, 2.02)], PROBES_2_SLOTS, 0.05)
+    aim = 1 + 0.05 / 2
+    assert qps == pytest.approx(30.27 * (1 - (aim - 1 / 2.02) / hi), rel=1e-5)
+    assert "2.02× the limit" in how and f"bounded to {lo:g}–{hi:g}" in how
+    # just over the limit: a small step, but at least half the precision
+    qps, how = step_down([(100.0, 1.001)], PROBES_2_SLOTS, 0.05)
+    assert qps == pytest.approx(100 * (1 - 0.025)) and "kept within" in how
+    # far over, and no probe slope (the low end of the range, the largest step): at most half
+    assert step_down([(100.0, 50.0)], [], 0.05)[0] == pytest.approx(50.0)
+
+
+def test_two_invalid_full_runs_step_down_along_their_line() -> None:
+    # margins 2.02 at 30.27 and 1.21 at 26.26 QPS: the line crosses 1 / 1.1 (aim 1 + 2 × 5 %) at ...
+    qps, how = step_down([(30.27, 2.02), (26.26, 1.21)], PROBES_2_SLOTS, 0.05)
+    y0, y1 = 1 / 1.21, 1 / 2.02
+    expected = 26.26 - (1.1 - y0) / ((y0 - y1) / (30.27 - 26.26))
+    assert qps == pytest.approx(expected, rel=1e-5) and qps < 26.26
+    assert how.startswith("the line through the full runs at 26.26 and 30.27 QPS")
+    # a second run no better than the first (noise): the line is useless, the probes' slope decides
+    noisy, how = step_down([(30.0, 1.5), (28.0, 1.6)], PROBES_2_SLOTS, 0.05)
+    assert noisy < 28.0 and "probes' slope" in how
+
+
+@given(
+    runs=st.lists(
+        st.tuples(st.floats(1, 1000), st.floats(1.0001, 100)),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda r: r[0],
+    ),
+    precision=st.floats(0.01, 0.2),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_step_down_always_goes_below_the_lowest_invalid_run_and_at_most_halves_it(
+    runs: list[tuple[float, float]], precision: float
+) -> None:
+    qps, _ = step_down(runs, PROBES_2_SLOTS, precision)
+    lowest = min(q for q, _ in runs)
+    assert lowest / 2 - 1e-6 <= qps <= lowest * (1 - precision / 2) + 1e-6

@@ -42,3 +42,34 @@ def test_relative_paths_become_absolute_from_the_invocation_folder(
     assert got.client.http.client_cert == "/etc/cert.pem" and got.client.http.client_key is None
     assert all(os.path.isabs(p) for p in (got.out_dir, got.user_conf, got.client.dataset_path))
     assert absolute_paths(got) == got  # already absolute: unchanged
+
+
+def test_overrides_reach_loadgen_settings_and_a_seed_only_when_asked() -> None:
+    """The spec's overrides, set on LoadGen's own TestSettings (the binding's attribute names)."""
+    import mlperf_loadgen as lg
+
+    from harness_fixtures.loadgen.runner import _apply_overrides
+
+    base = RunSpec(
+        test_id="t",
+        out_dir="o",
+        user_conf="u",
+        loadgen_model="m",
+        loadgen_scenario="Server",
+        client=ClientSpec(
+            base_url="http://127.0.0.1:1",
+            served_model="m",
+            generation=GenerationSpec(),
+            dataset=DatasetSpec(path="d.json"),
+            dataset_path="d.json",
+        ),
+        target_qps=12.5,
+        min_query_count=100,
+    )
+    settings = lg.TestSettings()
+    default_seed = settings.schedule_rng_seed
+    _apply_overrides(settings, base)
+    assert settings.server_target_qps == 12.5 and settings.min_query_count == 100
+    assert settings.schedule_rng_seed == default_seed  # mlperf.conf's seed unless a re-probe asks
+    _apply_overrides(settings, base.model_copy(update={"schedule_seed": 24302}))
+    assert settings.schedule_rng_seed == 24302
