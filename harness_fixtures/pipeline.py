@@ -835,6 +835,7 @@ class _TestRun:
                 dispatch=o.dispatch,
             ),
             performance_sample_count=self.case.dataset.performance_sample_count,
+            network_sut=(describe_sut(self.endpoints, o.dispatch) or "").startswith("Network SUT"),
             target_qps=target,
             min_duration_ms=o.min_duration_ms,
             min_query_count=o.min_query_count,

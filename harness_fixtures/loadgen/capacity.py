@@ -59,9 +59,9 @@ NEAR_LIMIT = 0.2  # |log margin| below this: a verdict noise could have flipped
 EDGE = 0.25  # an interpolated probe stays this share of the bracket away from either end
 # A full run's reciprocal margin falls with load less steeply than the probes' near the limit (their
 # curve is a cliff where a full run's is a slope: tools/bench_capacity.py measured relative slopes of
-# 2.4, 4.0 and 6.0 for full runs where the probes showed 2.4, 8 and 17). The first step down uses the
-# probes' slope bounded to this range, the low end stepping further.
-STEP_SLOPE = (2.0, 4.0)
+# 2.4, 4.0 and 6.0 between full runs where the probes showed 2.4, 8 and 17). The first step down uses
+# the probes' slope bounded to the range full runs showed.
+STEP_SLOPE = (2.0, 6.0)
 MAX_CONFIRMATIONS = 3  # full-length runs after a search: at the load found and up to two steps down
 
 

@@ -11,6 +11,7 @@ appended as requests finish so an interrupted run keeps what it measured) and ``
 from __future__ import annotations
 
 import array
+import json
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..client.cpu import CpuSampler
 from ..client.dispatch import MultiEndpointClient
+from ..client.errors import HttpError
 from ..client.fanout import FanoutClient
 from ..client.httpconfig import HttpConfig, HttpConfigError, ServerUrl
 from ..client.payload import describe_token_source
@@ -47,6 +49,28 @@ def _apply_overrides(settings: Any, spec: RunSpec) -> None:
         settings.min_query_count = spec.min_query_count
     if spec.schedule_seed is not None:
         settings.schedule_rng_seed = spec.schedule_seed
+
+
+def network_sut_name(http: HttpConfig, urls: list[ServerUrl]) -> str:
+    """The SUT's name when its nodes are across a network (MLPerf's Network division): "Network SUT"
+    and the unique names of its nodes, each learnt by a round trip to it (its /v1/models), as the
+    rules ask of a Query Dispatch Library's ``Name``. A node that does not answer is named so."""
+    nodes = set()
+    for url in urls:
+        where = f"{url.host}:{url.port}"
+        try:
+            reply = http.get(url, "/v1/models", timeout_s=10)
+            ids = sorted(
+                str(m.get("id")) for m in json.loads(reply.text).get("data", []) if isinstance(m, dict)
+            )
+            nodes.add(
+                f"{where} ({', '.join(ids)})"
+                if reply.status == 200 and ids
+                else f"{where} (HTTP {reply.status})"
+            )
+        except (HttpError, ValueError, AttributeError) as exc:
+            nodes.add(f"{where} (unreachable: {type(exc).__name__})")
+    return "Network SUT: " + "; ".join(sorted(nodes))
 
 
 def run(spec: RunSpec) -> int:
@@ -216,7 +240,12 @@ def run(spec: RunSpec) -> int:
     def flush() -> None:
         pass
 
-    sut = lg.ConstructSUT(issue, flush)
+    metrics_http = HttpConfig.build(spec.client.http, check_environment=False)
+    if spec.network_sut:
+        urls = [ServerUrl.parse(u) for u in spec.client.endpoints or [spec.client.base_url]]
+        sut = lg.ConstructQDL(issue, flush, lambda: network_sut_name(metrics_http, urls))
+    else:
+        sut = lg.ConstructSUT(issue, flush)
     qsl = lg.ConstructQSL(n_samples, spec.performance_sample_count or n_samples, _noop, _noop)
     log_out = lg.LogOutputSettings()
     log_out.outdir = str(mlperf_dir)
@@ -225,7 +254,6 @@ def run(spec: RunSpec) -> int:
     log_settings.log_output = log_out
     log_settings.enable_trace = False
     # The engine's counters right before and after LoadGen: its own view of exactly the measured run.
-    metrics_http = HttpConfig.build(spec.client.http, check_environment=False)
     server = ServerUrl.parse(spec.client.base_url)
     # Every endpoint's own counters too; the engine window (and the timeline) stays the first one's.
     others = [ServerUrl.parse(u) for u in spec.client.endpoints[1:]]
@@ -243,7 +271,10 @@ def run(spec: RunSpec) -> int:
     metrics_http.close()
     cpu_stats = cpu.stop()
     lg.DestroyQSL(qsl)
-    lg.DestroySUT(sut)
+    if spec.network_sut:
+        lg.DestroyQDL(sut)
+    else:
+        lg.DestroySUT(sut)
     client.stop()
     reqlog.close()
 

@@ -26,6 +26,11 @@ class RunSpec(BaseModel):
     )
     min_duration_ms: int | None = None
     min_query_count: int | None = None
+    network_sut: bool = Field(
+        False,
+        description="The endpoints are servers elsewhere (a Network SUT): LoadGen gets a Query Dispatch "
+        "Library whose name is 'Network SUT' and its nodes' names, each asked over the network.",
+    )
     schedule_seed: int | None = Field(
         None,
         description="LoadGen's schedule RNG seed instead of mlperf.conf's: a capacity re-probe at a load "

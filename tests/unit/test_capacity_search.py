@@ -255,8 +255,8 @@ def _probes(points: list[tuple[float, float]]) -> list[CapacityProbe]:
     ]
 
 
-# The probes of a 2-slot simulator on the project machine (tools/bench_capacity.py): a slope where the
-# fit crosses 1 of 5.7, bounded to STEP_SLOPE's 4.
+# The probes of a 2-slot simulator on the project machine (tools/bench_capacity.py): a relative slope of
+# 5.7 where their fit crosses 1.
 PROBES_2_SLOTS = _probes(
     [(19.72, 0.56), (24.77, 0.79), (27.76, 0.87), (30.27, 0.965), (31.11, 1.14), (35.11, 1.26)]
 )
@@ -274,8 +274,14 @@ def test_one_invalid_full_run_steps_down_by_its_margin_and_the_bounded_probe_slo
     lo, hi = STEP_SLOPE
     qps, how = step_down([(30.27, 2.02)], PROBES_2_SLOTS, 0.05)
     aim = 1 + 0.05 / 2
-    assert qps == pytest.approx(30.27 * (1 - (aim - 1 / 2.02) / hi), rel=1e-5)
+    rel = min(hi, max(lo, probe_slope(PROBES_2_SLOTS) or lo))
+    assert qps == pytest.approx(30.27 * (1 - (aim - 1 / 2.02) / rel), rel=1e-5)
     assert "2.02× the limit" in how and f"bounded to {lo:g}–{hi:g}" in how
+    # a cliff in the probes (a huge slope) is bounded: the step is the one of the largest slope allowed
+    cliff = _probes([(100.0, 0.5), (140.0, 0.9), (141.0, 1.5)])
+    assert step_down([(140.0, 1.5)], cliff, 0.05)[0] == pytest.approx(
+        140 * (1 - (aim - 1 / 1.5) / hi), rel=1e-5
+    )
     # just over the limit: a small step, but at least half the precision
     qps, how = step_down([(100.0, 1.001)], PROBES_2_SLOTS, 0.05)
     assert qps == pytest.approx(100 * (1 - 0.025)) and "kept within" in how
