@@ -429,10 +429,11 @@ class _TestRun:
         every one is in ``capacity.confirmations`` and the earlier ones' files in confirmation-<n>/."""
         assert self._capacity is not None and rate.value is not None
         precision = self.opts.capacity_precision_pct / 100
+        limits, _ = self._limits(user_conf)
         runs: list[CapacityConfirmation] = []
         chosen = "the load the probes found"
         while True:
-            runs.append(self._confirmation(rate.value, result, chosen))
+            runs.append(self._confirmation(rate.value, result, chosen, limits))
             if result.status != "INVALID" or result.queries.failed or len(runs) >= MAX_CONFIRMATIONS:
                 break
             n = len(runs)
@@ -468,12 +469,17 @@ class _TestRun:
             self._store_capacity(limits, self._capacity)
         return result, rate
 
-    def _confirmation(self, qps: float, result: BenchmarkResult, chosen: str) -> CapacityConfirmation:
-        """One full-length run of the confirmation: its verdict and margins (the last run's checks)."""
-        margins = {c.name: c.margin for c in self._checks}
+    def _confirmation(
+        self, qps: float, result: BenchmarkResult, chosen: str, limits: Limits
+    ) -> CapacityConfirmation:
+        """One full-length run of the confirmation: its verdict, and its margins at the percentile
+        LoadGen's early stopping demanded of it (where its verdict was decided, as for the probes)."""
+        at = early_stopping_percentile(len(self._requests), limits.percentile) or limits.percentile
+        margins = probe_margins(self._requests, limits, at)
         return CapacityConfirmation(
             qps=qps,
             status=result.status,
+            percentile=round(at, 4),
             ttft_margin=margins.get("ttft"),
             tpot_margin=margins.get("tpot"),
             chosen=chosen,

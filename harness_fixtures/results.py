@@ -229,8 +229,11 @@ class CapacityConfirmation(_Model):
 
     qps: float
     status: str
-    ttft_margin: float | None = Field(None, description="Observed TTFT at the scenario's percentile / limit.")
-    tpot_margin: float | None = Field(None, description="Observed TPOT at the scenario's percentile / limit.")
+    percentile: float | None = Field(
+        None, description="Where its margins are taken: the percentile its early stopping demanded (0–1)."
+    )
+    ttft_margin: float | None = Field(None, description="Observed TTFT at that percentile / limit.")
+    tpot_margin: float | None = Field(None, description="Observed TPOT at that percentile / limit.")
     chosen: str = Field(description="Why this load: the probes' result, or what the INVALID runs showed.")
     dir: str = Field(description="Its files: '.' for the test's own run, else confirmation-<n>/.")
 

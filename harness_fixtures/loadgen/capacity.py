@@ -379,9 +379,10 @@ def step_down(
     :param full_runs: (load, binding margin) of each full run so far, all INVALID.
     :param probes: the search's probes, for the slope when there is one full run.
     :param precision: the search's relative precision: the aim is (1 + precision / 2) in reciprocal
-        margin after one full run, (1 + 2 × precision) after two (the line through two full runs
-        overestimates where the curve bends), and every step goes at least precision / 2 below the
-        lowest INVALID load and at most halves it.
+        margin after one full run, (1 + precision) after two (the line through two full runs
+        overestimates where the curve bends), and every step goes at least one precision step below
+        the lowest INVALID load (the probes could not tell loads closer than that apart) and at most
+        halves it.
 
     The reciprocal margin y = limit / observed is about linear in load near the limit (see
     ``CapacitySearch._interpolate``). With two full runs the line through them crosses the aim; with
@@ -397,7 +398,7 @@ def step_down(
     guess = None
     if len(runs) >= 2:
         q1, y1 = runs[1]
-        aim = 1 + 2 * precision
+        aim = 1 + precision
         if y0 > y1 and q1 > q0:
             slope = (y0 - y1) / (q1 - q0)
             guess = q0 - (aim - y0) / slope
@@ -415,9 +416,9 @@ def step_down(
             f"the full run at {q0:.4g} QPS had {1 / y0:.3g}× the limit; with the probes' slope "
             f"({rel:.2g}, bounded to {lo:g}–{hi:g}) {1 / aim:.3g} of the limit is there"
         )
-    bounded = min(q0 * (1 - precision / 2), max(q0 / 2, guess))
+    bounded = min(q0 * (1 - precision), max(q0 / 2, guess))
     if bounded != guess:
-        how += f" (kept within {100 * precision / 2:g} %–50 % below {q0:.4g} QPS)"
+        how += f" (kept within {100 * precision:g} %–50 % below {q0:.4g} QPS)"
     return round(bounded, 6), how
 
 

@@ -755,7 +755,7 @@ def write_capacity_plot(path: Path, capacity: CapacityResult, limits: Any) -> st
                     and limit
                 ]
                 if full:
-                    label = f"full run: {'VALID' if valid else 'INVALID'} (p{limits.percentile * 100:g})"
+                    label = f"full run: {'VALID' if valid else 'INVALID'}"
                     ax.plot(*zip(*full, strict=True), "s", color=color, markerfacecolor="none", label=label)
             if limit:
                 ax.axhline(limit, color="black", linestyle="--", label=f"limit {limit:g} ms")

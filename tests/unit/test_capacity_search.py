@@ -282,18 +282,18 @@ def test_one_invalid_full_run_steps_down_by_its_margin_and_the_bounded_probe_slo
     assert step_down([(140.0, 1.5)], cliff, 0.05)[0] == pytest.approx(
         140 * (1 - (aim - 1 / 1.5) / hi), rel=1e-5
     )
-    # just over the limit: a small step, but at least half the precision
+    # just over the limit: a small step, but at least one precision step
     qps, how = step_down([(100.0, 1.001)], PROBES_2_SLOTS, 0.05)
-    assert qps == pytest.approx(100 * (1 - 0.025)) and "kept within" in how
+    assert qps == pytest.approx(100 * (1 - 0.05)) and "kept within 5 %" in how
     # far over, and no probe slope (the low end of the range, the largest step): at most half
     assert step_down([(100.0, 50.0)], [], 0.05)[0] == pytest.approx(50.0)
 
 
 def test_two_invalid_full_runs_step_down_along_their_line() -> None:
-    # margins 2.02 at 30.27 and 1.21 at 26.26 QPS: the line crosses 1 / 1.1 (aim 1 + 2 × 5 %) at ...
+    # margins 2.02 at 30.27 and 1.21 at 26.26 QPS: the line crosses 1 / 1.05 (aim 1 + 5 %) at ...
     qps, how = step_down([(30.27, 2.02), (26.26, 1.21)], PROBES_2_SLOTS, 0.05)
     y0, y1 = 1 / 1.21, 1 / 2.02
-    expected = 26.26 - (1.1 - y0) / ((y0 - y1) / (30.27 - 26.26))
+    expected = 26.26 - (1.05 - y0) / ((y0 - y1) / (30.27 - 26.26))
     assert qps == pytest.approx(expected, rel=1e-5) and qps < 26.26
     assert how.startswith("the line through the full runs at 26.26 and 30.27 QPS")
     # a second run no better than the first (noise): the line is useless, the probes' slope decides
@@ -311,9 +311,9 @@ def test_two_invalid_full_runs_step_down_along_their_line() -> None:
     precision=st.floats(0.01, 0.2),
 )
 @settings(max_examples=200, deadline=None)
-def test_a_step_down_always_goes_below_the_lowest_invalid_run_and_at_most_halves_it(
+def test_a_step_down_goes_a_precision_step_below_the_lowest_invalid_run_and_at_most_halves_it(
     runs: list[tuple[float, float]], precision: float
 ) -> None:
     qps, _ = step_down(runs, PROBES_2_SLOTS, precision)
     lowest = min(q for q, _ in runs)
-    assert lowest / 2 - 1e-6 <= qps <= lowest * (1 - precision / 2) + 1e-6
+    assert lowest / 2 - 1e-6 <= qps <= lowest * (1 - precision) + 1e-6
