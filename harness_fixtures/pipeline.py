@@ -464,8 +464,11 @@ class _TestRun:
             result = self._attempt(spec.model_copy(update={"target_qps": qps}), dataset, rate, entries)
         confirmed = rate.value if result.status == "VALID" else None
         self._capacity = self._capacity.model_copy(update={"confirmations": runs, "confirmed_qps": confirmed})
+        # the figure again, with the full runs drawn in
+        self._capacity.plot = write_capacity_plot(
+            self.test_dir / "capacity" / "capacity.png", self._capacity, limits
+        )
         if confirmed is not None:
-            limits, _ = self._limits(user_conf)
             self._store_capacity(limits, self._capacity)
         return result, rate
 

@@ -88,6 +88,8 @@ def test_search_finds_the_boundary_of_a_known_capacity_and_confirms_it(
         assert (tmp_path / "known" / run.dir / "requests.jsonl").is_file()
         assert runs[n].qps < run.qps
     assert Path(str(cap.plot)).is_file()
+    # drawn again after the full runs, with them in it
+    assert Path(str(cap.plot)).stat().st_mtime >= (tmp_path / "known" / "requests.jsonl").stat().st_mtime
 
     # --harness-target-qps auto reuses it: same model, engine, hardware and limits, no new search.
     endpoint, case = start_sim(name="known", max_tokens=TOKENS, **SIM)

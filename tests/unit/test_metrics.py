@@ -663,6 +663,20 @@ def test_capacity_plot_shows_each_probe_against_the_limit(tmp_path: Path) -> Non
     )
     assert path is not None and _png_size(Path(path)) == (1200, 800)
     assert write_capacity_plot(tmp_path / "x.png", cap, object()) is None  # a bad input never raises
+    # with the full runs after the search: one INVALID, one VALID below it
+    from harness_fixtures.results import CapacityConfirmation
+
+    runs = [
+        CapacityConfirmation(
+            qps=6.5, status="INVALID", ttft_margin=1.4, chosen="found", dir="confirmation-1"
+        ),
+        CapacityConfirmation(qps=5.9, status="VALID", ttft_margin=0.9, chosen="step", dir="."),
+    ]
+    confirmed = cap.model_copy(update={"confirmations": runs, "confirmed_qps": 5.9})
+    path = write_capacity_plot(
+        tmp_path / "confirmed.png", confirmed, Limits(ttft_ms=100.0, tpot_ms=50.0, percentile=0.9)
+    )
+    assert path is not None and _png_size(Path(path)) == (1200, 800)
 
 
 def test_plots_skip_absent_data(tmp_path: Path) -> None:
