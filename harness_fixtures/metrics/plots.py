@@ -765,7 +765,8 @@ def write_capacity_plot(path: Path, capacity: CapacityResult, limits: Any) -> st
                 ax.axvline(capacity.confirmed_qps, color="tab:green", linestyle="-.", label="confirmed")
             _finish(
                 ax,
-                f"{name.upper()} {at} per probe, projected to the full run's length",
+                f"{name.upper()} {at} per probe, projected to the full run's length"
+                + (", and per full run" if capacity.confirmations else ""),
                 f"{name.upper()} {at} (ms)",
                 xlabel=ax is axes[1],
             )
