@@ -277,12 +277,9 @@ def node_layout(kind: str, args: dict[str, Any] | list[str]) -> NodeLayout | Non
             f"serves HTTP; start ranks 1..{nnodes - 1} yourself on the other nodes and drop node-rank here"
         )
     if kind == "sglang" and nnodes > 1:
-        addr = flags.get("dist-init-addr")
-        if not addr or addr is True:
-            raise ValueError(
-                f"engine.args nnodes is {nnodes} but dist-init-addr is missing: give the head's HOST:PORT "
-                "that the other nodes join (the same value on every node)"
-            )
+        addr = _address(
+            flags, "dist-init-addr", f"nnodes is {nnodes}", "the head's HOST:PORT, the same on every node"
+        )
         return NodeLayout(
             nodes=nnodes,
             how=f"SGLang across {nnodes} nodes",
@@ -304,12 +301,7 @@ def node_layout(kind: str, args: dict[str, Any] | list[str]) -> NodeLayout | Non
             "starts the head (start rank 0), run the other nodes yourself and drop it here"
         )
     if nnodes > 1:
-        addr = flags.get("master-addr")
-        if not addr or addr is True:
-            raise ValueError(
-                f"engine.args nnodes is {nnodes} but master-addr is missing: give the head's address that "
-                "the other nodes join (with master-port if not the default)"
-            )
+        addr = _address(flags, "master-addr", f"nnodes is {nnodes}", "the head's address, and master-port")
         return NodeLayout(
             nodes=nnodes,
             how=f"vLLM across {nnodes} nodes (multiprocessing)",
@@ -322,13 +314,12 @@ def node_layout(kind: str, args: dict[str, Any] | list[str]) -> NodeLayout | Non
     if "data-parallel-size-local" in flags:
         local = _whole("--data-parallel-size-local", flags["data-parallel-size-local"])
         if local < dp:
-            addr = flags.get("data-parallel-address")
-            if not addr or addr is True:
-                raise ValueError(
-                    f"engine.args data-parallel-size-local {local} < data-parallel-size {dp} spreads data "
-                    "parallel ranks over nodes, but data-parallel-address is missing: give the head's "
-                    "address the other nodes join"
-                )
+            addr = _address(
+                flags,
+                "data-parallel-address",
+                f"data-parallel-size-local {local} < data-parallel-size {dp} spreads ranks over nodes",
+                "the head's address",
+            )
             port = flags.get("data-parallel-rpc-port")
             return NodeLayout(
                 nodes=-(-dp // local),
@@ -348,6 +339,16 @@ def node_layout(kind: str, args: dict[str, Any] | list[str]) -> NodeLayout | Non
             local_gpus=None,
         )
     return None
+
+
+def _address(flags: dict[str, Any], key: str, because: str, what: str) -> str:
+    """Where the other nodes join the head: required once the flags span nodes."""
+    addr = flags.get(key)
+    if not addr or addr is True:
+        raise ValueError(
+            f"engine.args {because}, but {key} is missing: give {what}, where the other nodes join"
+        )
+    return str(addr)
 
 
 def _per_node(world: int, nodes: int, what: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,25 +16,30 @@ from harness_fixtures.loadgen.child import absolute_paths
 from harness_fixtures.loadgen.spec import RunSpec
 
 
-def test_relative_paths_become_absolute_from_the_invocation_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    spec = RunSpec(
+def run_spec(scenario: str = "Offline", http: HttpSettings | None = None, **changes: Any) -> RunSpec:
+    return RunSpec(
         test_id="t",
         out_dir="out/t",
         user_conf="conf/user.conf",
         loadgen_model="m",
-        loadgen_scenario="Offline",
+        loadgen_scenario=scenario,
         client=ClientSpec(
             base_url="http://127.0.0.1:1",
             served_model="m",
             generation=GenerationSpec(),
             dataset=DatasetSpec(path="data.json"),
             dataset_path="data/data.json",
-            http=HttpSettings(ca_bundle="ca.pem", client_cert="/etc/cert.pem"),
+            http=http or HttpSettings(),
         ),
+        **changes,
     )
+
+
+def test_relative_paths_become_absolute_from_the_invocation_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = run_spec(http=HttpSettings(ca_bundle="ca.pem", client_cert="/etc/cert.pem"))
     got = absolute_paths(spec)
     assert got.out_dir == str(tmp_path / "out" / "t")
     assert got.user_conf == str(tmp_path / "conf" / "user.conf")
@@ -50,22 +56,7 @@ def test_overrides_reach_loadgen_settings_and_a_seed_only_when_asked() -> None:
 
     from harness_fixtures.loadgen.runner import _apply_overrides
 
-    base = RunSpec(
-        test_id="t",
-        out_dir="o",
-        user_conf="u",
-        loadgen_model="m",
-        loadgen_scenario="Server",
-        client=ClientSpec(
-            base_url="http://127.0.0.1:1",
-            served_model="m",
-            generation=GenerationSpec(),
-            dataset=DatasetSpec(path="d.json"),
-            dataset_path="d.json",
-        ),
-        target_qps=12.5,
-        min_query_count=100,
-    )
+    base = run_spec("Server", target_qps=12.5, min_query_count=100)
     settings = lg.TestSettings()
     default_seed = settings.schedule_rng_seed
     _apply_overrides(settings, base)
