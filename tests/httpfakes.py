@@ -179,15 +179,24 @@ Handler = Callable[[Seen], Reply]
 class FakeHttpServer:
     """An asyncio HTTP/1.1 server on loopback in a thread; ``handler(request)`` scripts each answer."""
 
-    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        close_delay_s: float = 0,
+    ) -> None:
         self.handler = handler
+        self.close_delay_s = close_delay_s  # a slow peer: this long between the client's close and ours
         self.tls = tls
         self.host = host
         self.requests: list[Seen] = []
         self.connections = 0
+        self.ended = 0  # connections whose client closed them (or that ended otherwise) before stop()
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.serving: set[asyncio.Task[None]] = set()  # one per connection, until it ends
         self.port = 0
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
@@ -209,6 +218,10 @@ class FakeHttpServer:
         self.loop.run_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.serving.add(task)
+        task.add_done_callback(self.serving.discard)
         self.writers.append(writer)
         conn = self.connections
         self.connections += 1
@@ -236,11 +249,17 @@ class FakeHttpServer:
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, asyncio.LimitOverrunError):
             pass  # the client closed the connection, or never finished its handshake
         finally:
+            self.ended += 1  # before our side closes: a client that waits for that sees it counted
+            if self.close_delay_s:
+                await asyncio.sleep(self.close_delay_s)
             writer.close()
 
     async def _shutdown(self) -> None:
         assert self.server is not None
         self.server.close()
+        for task in list(self.serving):  # e.g. one waiting out close_delay_s
+            task.cancel()
+        await asyncio.gather(*self.serving, return_exceptions=True)
         await _close_all(self.writers)
         await self.server.wait_closed()
         self.loop.stop()

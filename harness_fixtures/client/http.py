@@ -266,7 +266,8 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.exchange: _Exchange | None = None
-        self.closed = False
+        self.closed = False  # closing asked (by us or the server)
+        self.lost = False  # the transport is gone (connection_lost ran)
         self.reused = False
         self.idle_since = 0.0
         self.reuse_s = pool.idle_reuse_s
@@ -304,6 +305,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True
         self.pool._forget(self)
         ex, self.exchange = self.exchange, None
         if ex is None or ex.future.done():
@@ -634,6 +636,24 @@ class ConnectionPool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+    async def aclose(self, grace_s: float = 1.0) -> None:
+        """Close every connection and wait, up to ``grace_s``, until their transports are gone.
+
+        A TLS transport closes only after its close_notify exchange; an event loop stopped before
+        that leaves the socket open (and a ResourceWarning when it is collected). Whatever is still
+        open after the grace period is aborted.
+        """
+        conns = list(self._open)
+        self.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while any(not c.lost for c in conns) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for c in conns:
+            if not c.lost and c.transport is not None:
+                c.transport.abort()
+        await asyncio.sleep(0)  # let the aborted transports' connection_lost run
 
 
 class _IdleWatch:

@@ -152,7 +152,7 @@ class StreamingClient:
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._pool is not None:
-            self._pool.close()
+            await self._pool.aclose()
 
     # -- work ------------------------------------------------------------------------------------
     def submit(self, items: list[tuple[int, int]], issued_ns: int | None = None) -> None:

@@ -219,6 +219,31 @@ def test_stream_through_a_forward_proxy(tls: TlsFiles, scheme: str) -> None:
         assert server.requests[0].headers["host"] == f"{UPSTREAM}:{server.port}"
 
 
+def test_tls_connections_are_closed_before_the_client_stops(tls: TlsFiles) -> None:
+    """A TLS connection closes only after its close_notify exchange: the client waits for it (and
+    aborts what is still open after a grace period) before its event loop stops, so no socket
+    outlives the client. One left open stays in this process until it is collected, with a
+    ResourceWarning then."""
+    import psutil
+
+    # The server answers the client's close_notify 0.3 s late, as a proxy relaying it would.
+    server = FakeHttpServer(ok_stream, server_tls(tls), close_delay_s=0.3)
+    env = {"SSL_CERT_FILE": str(tls.ca)}
+    try:
+        settings = HttpSettings.from_options(HarnessOptions(), env)
+        recs, _ = run(
+            make_spec(server.url(path="/v1"), http=settings), n=3, http=HttpConfig.build(settings, env)
+        )
+        assert [r.status for r in recs] == ["ok"] * 3
+        to_server = [
+            c for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr.port == server.port
+        ]
+        assert to_server == []  # the client's sockets to the server are all closed
+        assert server.connections >= 1 and server.ended == server.connections
+    finally:
+        server.stop()
+
+
 def test_proxy_refusing_connect_is_a_clear_error(tls: TlsFiles) -> None:
     proxy = FakeProxy(require="Basic something-else")
     env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}"}
