@@ -113,7 +113,6 @@ from .servers.process import LOG_TAIL_LINES
 
 log = logging.getLogger("harness_fixtures")
 CAPACITY_STORE = "capacity.yaml"  # in the output dir: the capacity last found per model, engine, hardware
-RESEED = 0x5EED  # schedule seeds of capacity re-probes: this plus how often the load was probed before
 
 ProgressTick = Callable[[float], None]
 
@@ -635,15 +634,12 @@ class _TestRun:
 
         def probe(qps: float) -> CapacityProbe:
             n = len(search.probes) + 1
-            again = sum(1 for p in search.probes if p.qps == qps)
             spec = base.model_copy(
                 update={
                     "out_dir": str(self.test_dir / "capacity" / f"probe-{n:02d}"),
                     "target_qps": qps,
                     "min_duration_ms": duration_ms,
                     "min_query_count": queries,
-                    # A second look at a load sees other arrivals: LoadGen's seed would replay the first.
-                    "schedule_seed": RESEED + again if again else None,
                 }
             )
             assert self.endpoint is not None

@@ -47,8 +47,6 @@ def _apply_overrides(settings: Any, spec: RunSpec) -> None:
         settings.min_duration_ms = spec.min_duration_ms
     if spec.min_query_count is not None:
         settings.min_query_count = spec.min_query_count
-    if spec.schedule_seed is not None:
-        settings.schedule_rng_seed = spec.schedule_seed
 
 
 def network_sut_name(http: HttpConfig, urls: list[ServerUrl]) -> str:

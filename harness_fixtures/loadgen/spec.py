@@ -31,11 +31,6 @@ class RunSpec(BaseModel):
         description="The endpoints are servers elsewhere (a Network SUT): LoadGen gets a Query Dispatch "
         "Library whose name is 'Network SUT' and its nodes' names, each asked over the network.",
     )
-    schedule_seed: int | None = Field(
-        None,
-        description="LoadGen's schedule RNG seed instead of mlperf.conf's: a capacity re-probe at a load "
-        "already probed gets its own arrivals (with the same seed it would replay the same ones).",
-    )
     test_timeout_s: float = Field(7200.0, description="The parent stops the child after this long.")
     warmup: bool = True
     metrics_paths: list[str] = Field(

@@ -50,7 +50,7 @@ def test_relative_paths_become_absolute_from_the_invocation_folder(
     assert absolute_paths(got) == got  # already absolute: unchanged
 
 
-def test_overrides_reach_loadgen_settings_and_a_seed_only_when_asked() -> None:
+def test_overrides_reach_loadgen_settings() -> None:
     """The spec's overrides, set on LoadGen's own TestSettings (the binding's attribute names)."""
     import mlperf_loadgen as lg
 
@@ -58,9 +58,5 @@ def test_overrides_reach_loadgen_settings_and_a_seed_only_when_asked() -> None:
 
     base = run_spec("Server", target_qps=12.5, min_query_count=100)
     settings = lg.TestSettings()
-    default_seed = settings.schedule_rng_seed
     _apply_overrides(settings, base)
     assert settings.server_target_qps == 12.5 and settings.min_query_count == 100
-    assert settings.schedule_rng_seed == default_seed  # mlperf.conf's seed unless a re-probe asks
-    _apply_overrides(settings, base.model_copy(update={"schedule_seed": 24302}))
-    assert settings.schedule_rng_seed == 24302
