@@ -84,8 +84,9 @@ def test_search_finds_the_boundary_of_a_known_capacity_and_confirms_it(
     assert result.settings["target_qps"] == pytest.approx(runs[-1].qps)
     assert cap.confirmed_qps == runs[-1].qps and runs[-1].status == "VALID" and runs[-1].dir == "."
     for n, run in enumerate(runs[:-1], 1):
-        assert run.status == "INVALID" and run.dir == f"confirmation-{n}" and run.margin is not None
-        assert (tmp_path / "known" / run.dir / "requests.jsonl").is_file()
+        # folders are written relative to the session folder (here tmp_path)
+        assert run.status == "INVALID" and run.dir == f"known/confirmation-{n}" and run.margin is not None
+        assert (tmp_path / run.dir / "requests.jsonl").is_file()
         assert runs[n].qps < run.qps
     assert Path(str(cap.plot)).is_file()
     # drawn again after the full runs, with them in it
