@@ -10,6 +10,7 @@ accepts was read from its request models; docs/http.md says where and when.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -137,3 +138,15 @@ def build_payload(
         body["ignore_eos"] = True
     body.update(g.extra_body)
     return body
+
+
+def model_ids(text: str) -> list[Any] | None:
+    """The model ids of an OpenAI ``/v1/models`` answer (``{"data": [{"id": ...}]}``), or None when
+    the text is not such a list."""
+    try:
+        data = json.loads(text).get("data")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
+        return None
+    return [m.get("id") for m in data]

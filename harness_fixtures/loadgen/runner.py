@@ -11,7 +11,6 @@ appended as requests finish so an interrupted run keeps what it measured) and ``
 from __future__ import annotations
 
 import array
-import json
 import os
 import signal
 import sys
@@ -25,7 +24,7 @@ from ..client.dispatch import MultiEndpointClient
 from ..client.errors import HttpError
 from ..client.fanout import FanoutClient
 from ..client.httpconfig import HttpConfig, HttpConfigError, ServerUrl
-from ..client.payload import describe_token_source
+from ..client.payload import describe_token_source, model_ids
 from ..client.requestlog import RequestLogWriter
 from ..client.sizing import auto_workers, prewarm_connections
 from ..client.streaming import RequestRecord, StreamingClient
@@ -58,16 +57,13 @@ def network_sut_name(http: HttpConfig, urls: list[ServerUrl]) -> str:
         where = f"{url.host}:{url.port}"
         try:
             reply = http.get(url, "/v1/models", timeout_s=10)
-            ids = sorted(
-                str(m.get("id")) for m in json.loads(reply.text).get("data", []) if isinstance(m, dict)
-            )
-            nodes.add(
-                f"{where} ({', '.join(ids)})"
-                if reply.status == 200 and ids
-                else f"{where} (HTTP {reply.status})"
-            )
-        except (HttpError, ValueError, AttributeError) as exc:
+        except HttpError as exc:
             nodes.add(f"{where} (unreachable: {type(exc).__name__})")
+            continue
+        ids = model_ids(reply.text) if reply.status == 200 else None
+        nodes.add(
+            f"{where} ({', '.join(sorted(map(str, ids)))})" if ids else f"{where} (HTTP {reply.status})"
+        )
     return "Network SUT: " + "; ".join(sorted(nodes))
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from ..client.errors import CertificateError, HttpError
 from ..client.httpconfig import HttpConfig, HttpConfigError, HttpSettings, ServerUrl, check_header_value
-from ..client.payload import VLLM, RequestProfile
+from ..client.payload import VLLM, RequestProfile, model_ids
 from .process import LOG_TAIL_LINES, log_tail
 
 log = logging.getLogger("harness_fixtures.servers")
@@ -147,7 +147,7 @@ def wait_healthy(
             else:
                 r = config.get(url, "/v1/models", timeout_s=5)
                 if r.status == 200:
-                    names = _model_names(r.text)
+                    names = model_ids(r.text)
                     if names is None:
                         raise EngineError(
                             f"{url.url('/v1/models')} answered {r.text[:200]!r}, not an OpenAI model list "
@@ -191,16 +191,6 @@ def _auth_hint(status: int) -> str:
     if status == 407:
         return " (the proxy wants credentials: user:password@ in the HTTPS_PROXY / HTTP_PROXY URL)"
     return ""
-
-
-def _model_names(text: str) -> list[Any] | None:
-    try:
-        data = json.loads(text).get("data")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
-        return None
-    return [m.get("id") for m in data]
 
 
 def fetch_version(
