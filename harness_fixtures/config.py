@@ -6,6 +6,7 @@ which LoadGen model name each scenario uses, and the thresholds that gate it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class EngineSpec(_Strict):
     @model_validator(mode="after")
     def _gpus_match_parallelism(self) -> EngineSpec:
         layout = node_layout(self.kind, self.args)  # raises on a node the suite cannot start
-        product = self._parallel_product()
+        product = _parallel_product(self.args, layout)
         if self.gpus is None or product is None:
             return self
         if product != self.gpus:
@@ -136,20 +137,7 @@ class EngineSpec(_Strict):
         those of the head, the node the suite starts."""
         if self.gpus is not None:
             return self.gpus
-        return self._parallel_product() or 1
-
-    def _parallel_product(self) -> int | None:
-        """The GPUs the parallel sizes ask for on this node (None: args give no size)."""
-        layout = node_layout(self.kind, self.args)
-        if layout is not None and layout.local_gpus is not None:
-            return layout.local_gpus
-        sizes = parallel_sizes(self.args)
-        if not sizes:
-            return None
-        product = 1
-        for size in sizes.values():
-            product *= size
-        return product
+        return _parallel_product(self.args, node_layout(self.kind, self.args)) or 1
 
     def nodes(self) -> NodeLayout | None:
         """The engine's multi-node layout, from its flags (None: one node)."""
@@ -227,6 +215,14 @@ def parallel_sizes(args: dict[str, Any] | list[str]) -> dict[str, int]:
     return sizes
 
 
+def _parallel_product(args: dict[str, Any] | list[str], layout: NodeLayout | None) -> int | None:
+    """The GPUs the parallel sizes ask for on this node (None: args give no size)."""
+    if layout is not None and layout.local_gpus is not None:
+        return layout.local_gpus
+    sizes = parallel_sizes(args)
+    return math.prod(sizes.values()) if sizes else None
+
+
 def _whole(flag: str, value: Any) -> int:
     try:
         size = int(str(value))
@@ -264,11 +260,10 @@ def node_layout(kind: str, args: dict[str, Any] | list[str]) -> NodeLayout | Non
     """
     flags = {_flag(k): v for k, v in _arg_pairs(args)}
     sizes = parallel_sizes(args)
-    world = model = 1  # every parallel size; without data parallel (one model copy)
-    for flag, size in sizes.items():
-        world *= size
-        if _PARALLEL_FLAGS[_flag(flag)] != "data":
-            model *= size
+    world = math.prod(sizes.values())  # every parallel size
+    model = math.prod(
+        size for flag, size in sizes.items() if _PARALLEL_FLAGS[_flag(flag)] != "data"
+    )  # one copy
     nnodes = _whole("--nnodes", flags["nnodes"]) if "nnodes" in flags else 1
     rank = flags.get("node-rank", 0)
     if nnodes > 1 and str(rank) != "0":
